@@ -1,0 +1,371 @@
+"""Typed run configuration: dataclasses, strict YAML loading and ``key=value`` overrides.
+
+Why a hand-rolled loader instead of Hydra/OmegaConf: the config is small, and the two
+properties we care about -- unknown keys and wrong types are *errors that name the key*,
+and the resolved config round-trips through YAML -- take ~150 lines with dataclasses.
+
+Layering, lowest to highest priority:
+    dataclass defaults  <  ``configs/*.yaml`` (overrides only)  <  CLI ``key=value``.
+
+Every field carries a comment saying why its default is what it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+@dataclass
+class ModelConfig:
+    kind: Literal["pce", "dense"] = "pce"  # "dense": each PCE layer -> one expert block over the whole map (baseline)
+    in_channels: int = 1  # must match the data manifest (1 = grayscale, 3 = RGB)
+    image_size: int = 28  # input H = W; every patch size must divide the map it is applied to
+    num_classes: int = 10
+    stem_channels: int = 32  # a 3x3 conv stem lifts raw pixels before the first routing decision
+    channels: list[int] = field(default_factory=lambda: [32, 64])  # output channels per PCE layer
+    patch_sizes: list[int] = field(default_factory=lambda: [14, 7])  # progressively smaller patches (seed)
+    downsample: list[bool] = field(default_factory=lambda: [False, False])  # 2x avg-pool before the layer
+    num_experts: int = 4  # experts per layer (E)
+    expert_kernel: int = 3  # ResNet block conv kernel
+    expert_norm: Literal["batch", "group"] = "batch"  # seed says BatchNorm; "group" is robust to tiny batches
+    expert_dropout: float = 0.1  # the seed's block has Dropout between the convs
+    router_dim: int = 8  # seed: conv projection to 8 channels
+    spp_levels: list[int] = field(default_factory=lambda: [1, 2, 4])  # seed: SPP pools [1,2,4] -> 8*21 = 168
+    spp_pool: Literal["max", "avg"] = "max"  # SPP-net uses max pooling
+    temperature: float = 0.1  # softmax(cos/T): cosines live in [-1,1]; T=1 would be near-uniform
+    wth_max: float = 0.3  # adaptive threshold weight of (1 - max_weight)
+    wth_entropy: float = 0.2  # ... of the normalised routing entropy
+    wth_gap: float = 0.3  # ... of the top-1 gap (max_weight - mean of the others)
+    mask_sharpness: float = 50.0  # soft mask = sigmoid(sharpness * (w - threshold))
+    key_ema_alpha: float = 0.99  # seed's EMA factor for phase-1 key updates
+    head_spp_levels: list[int] = field(default_factory=lambda: [1, 2, 4])  # seed: SPP + FC head
+    confidence_weight: float = 0.01  # alpha in L_router = alpha*L_confidence + beta*L_collapse
+    collapse_weight: float = 0.01  # beta; the seed's collapse term has zero gradient (logged anyway)
+    collapse_usage: float = 0.01  # an expert used by fewer than this fraction of patches counts as collapsed
+    balance_weight: float = 0.0  # differentiable Switch-style load balancing; 0 = off (seed has none)
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/digits"  # directory (or URL prefix) holding {split}-NNNNNN.tar + manifest.json
+    train_split: str = "train"
+    val_split: str = ""  # "" = no validation split; used for model selection, never the test split
+    eval_split: str = "test"
+    batch_size: int = 64  # per-rank micro-batch
+    num_workers: int = 1  # loader processes per rank
+    shuffle_buffer: int = 1000  # sample-level shuffle buffer inside each worker
+    resampled: bool = False  # sample shards with replacement (very large data; epochs become nominal)
+    strict: bool = False  # raise on a corrupt sample instead of skipping and counting it
+    random_crop_padding: int = 0  # pad-then-crop augmentation in pixels; 0 = off
+    hflip: bool = False  # random horizontal flip; off by default (digits are not flip-invariant)
+    mean: list[float] = field(default_factory=lambda: [0.5])  # per-channel normalisation
+    std: list[float] = field(default_factory=lambda: [0.5])
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    momentum: float = 0.9  # sgd only
+    warmup_steps: int = 50
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = 0.01  # cosine floor as a fraction of lr
+    grad_clip: float = 1.0  # 0 = off
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    epochs: int = 10
+    max_steps: int = 0  # > 0 overrides epochs as the training length
+    grad_accum: int = 1
+    phase2_epoch: int = 150  # seed: keys EMA-updated before this epoch, trained after
+    key_init: Literal["kmeans", "random"] = "kmeans"
+    key_init_batches: int = 4  # batches per rank sampled for the k-means embedding pass
+    key_init_samples: int = 20000  # cap on embeddings fed to k-means per layer
+    kmeans_iters: int = 25
+    eval_every_epochs: int = 1
+    log_every_steps: int = 10  # host syncs for logging happen only at this interval
+
+
+@dataclass
+class DistConfig:
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on CUDA, gloo on CPU
+    ep_size: int = 1  # expert-parallel degree; experts of a layer are split over ep_size ranks
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 0/1/2 (3 is unsupported with expert parallelism)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    timeout_s: float = 300.0  # every collective fails after this long instead of hanging
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # 0 = only at epoch ends and on request
+    keep_last: int = 3
+    resume: str = ""  # "" = resume from <output_dir>/checkpoints/latest when present
+
+
+@dataclass
+class TrackingConfig:
+    tracking_uri: str = ""  # "" = sqlite:///<output_dir>/mlflow.db (no server needed); env MLFLOW_TRACKING_URI wins
+    experiment: str = "pce_dist"
+    run_name: str = ""
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (ints widen to float)."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ValueError(f"config key '{key}': {value!r} is not one of {list(typing.get_args(tp))}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ValueError(f"config key '{key}': expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"unsupported annotation for '{key}'")  # invariant: not used in sections
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"config key '{key}': expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"config key '{key}': expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"config key '{key}': expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"config key '{key}': expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} for '{key}'")
+
+
+def _merge(obj: Any, updates: dict, prefix: str = "") -> None:
+    """Apply a nested dict onto a dataclass instance in place, strictly."""
+    if not isinstance(updates, dict):
+        raise ValueError(f"config key '{prefix.rstrip('.') or '<root>'}': expected a mapping, got {updates!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for name, value in updates.items():
+        key = f"{prefix}{name}"
+        if name not in names:
+            raise ValueError(f"unknown config key '{key}' (known: {sorted(names)})")
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current):
+            _merge(current, value, prefix=f"{key}.")
+        else:
+            setattr(obj, name, _coerce(value, hints[name], key))
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ValueError(f"override {item!r} is not of the form key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ValueError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ValueError(f"config key '{key}': cannot parse value {raw!r}: {exc}") from None
+    if value is None:
+        value = ""
+    return key.split("."), value
+
+
+def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """Apply ``key=value`` strings (values parsed as YAML: ``[32,64]``, ``true``, ``1e-3``)."""
+    for item in overrides:
+        path, value = _parse_override(item)
+        nested: Any = value
+        for part in reversed(path):
+            nested = {part: nested}
+        _merge(cfg, nested)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults, then the YAML file (overrides only), then CLI overrides; validated."""
+    cfg = RunConfig()
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file {str(path)!r} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+        try:
+            _merge(cfg, loaded)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+    apply_overrides(cfg, list(overrides or []))
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    """Rebuild a config from ``to_dict`` output (e.g. the YAML saved next to a run)."""
+    cfg = RunConfig()
+    _merge(cfg, data)
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    """The resolved config as YAML, for saving next to a run and logging as an artifact."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def flatten(cfg: RunConfig) -> dict[str, Any]:
+    """``{'model.num_experts': 4, ...}`` -- MLflow params and run comparison."""
+    out: dict[str, Any] = {}
+
+    def walk(d: dict, prefix: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                out[f"{prefix}{k}"] = v
+
+    walk(to_dict(cfg), "")
+    return out
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _require(cond: bool, key: str, value: Any, why: str) -> None:
+    if not cond:
+        raise ValueError(f"config key '{key}' = {value!r}: {why}")
+
+
+def feature_map_sizes(m: ModelConfig) -> list[int]:
+    """Spatial size of the map each PCE layer sees (after its optional downsample)."""
+    sizes, size = [], m.image_size
+    for down in m.downsample:
+        if down:
+            size //= 2
+        sizes.append(size)
+    return sizes
+
+
+def validate(cfg: RunConfig) -> None:
+    """Impossible values raise ``ValueError`` naming the key and the value."""
+    m = cfg.model
+    _require(m.in_channels >= 1, "model.in_channels", m.in_channels, "must be >= 1")
+    _require(m.image_size >= 2, "model.image_size", m.image_size, "must be >= 2")
+    _require(m.num_classes >= 2, "model.num_classes", m.num_classes, "must be >= 2")
+    _require(m.num_experts >= 1, "model.num_experts", m.num_experts, "must be >= 1")
+    _require(m.stem_channels >= 1, "model.stem_channels", m.stem_channels, "must be >= 1")
+    _require(len(m.channels) >= 1, "model.channels", m.channels, "needs at least one PCE layer")
+    for key in ("patch_sizes", "downsample"):
+        _require(len(getattr(m, key)) == len(m.channels), f"model.{key}", getattr(m, key),
+                 f"needs one entry per layer ({len(m.channels)}, like model.channels)")
+    for i, c in enumerate(m.channels):
+        _require(c >= 1, f"model.channels[{i}]", c, "must be >= 1")
+    size = m.image_size
+    for i, (p, down) in enumerate(zip(m.patch_sizes, m.downsample)):
+        if down:
+            _require(size % 2 == 0, f"model.downsample[{i}]", down, f"feature map {size}x{size} is odd")
+            size //= 2
+        _require(p >= 2, f"model.patch_sizes[{i}]", p, "patches must be at least 2x2")
+        _require(size % p == 0, f"model.patch_sizes[{i}]", p,
+                 f"does not divide the {size}x{size} feature map of layer {i}")
+    _require(m.expert_kernel % 2 == 1, "model.expert_kernel", m.expert_kernel, "must be odd")
+    _require(0.0 <= m.expert_dropout < 1.0, "model.expert_dropout", m.expert_dropout, "must be in [0, 1)")
+    _require(m.router_dim >= 1, "model.router_dim", m.router_dim, "must be >= 1")
+    for key in ("spp_levels", "head_spp_levels"):
+        levels = getattr(m, key)
+        _require(len(levels) >= 1 and all(v >= 1 for v in levels), f"model.{key}", levels,
+                 "needs positive pool sizes")
+    _require(m.temperature > 0, "model.temperature", m.temperature, "must be > 0")
+    for key in ("wth_max", "wth_entropy", "wth_gap", "confidence_weight", "collapse_weight",
+                "balance_weight", "collapse_usage"):
+        _require(getattr(m, key) >= 0, f"model.{key}", getattr(m, key), "must be >= 0")
+    _require(m.mask_sharpness > 0, "model.mask_sharpness", m.mask_sharpness, "must be > 0")
+    _require(0.0 <= m.key_ema_alpha <= 1.0, "model.key_ema_alpha", m.key_ema_alpha, "must be in [0, 1]")
+
+    d = cfg.data
+    _require(d.batch_size >= 1, "data.batch_size", d.batch_size, "must be >= 1")
+    _require(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
+    _require(d.shuffle_buffer >= 0, "data.shuffle_buffer", d.shuffle_buffer, "must be >= 0")
+    _require(d.random_crop_padding >= 0, "data.random_crop_padding", d.random_crop_padding, "must be >= 0")
+    _require(len(d.mean) == len(d.std) == m.in_channels, "data.mean", d.mean,
+             f"data.mean and data.std need model.in_channels={m.in_channels} entries")
+    _require(all(s > 0 for s in d.std), "data.std", d.std, "must be > 0")
+
+    o = cfg.optim
+    _require(o.lr > 0 and math.isfinite(o.lr), "optim.lr", o.lr, "must be a positive number")
+    _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
+    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", o.betas,
+             "needs two values in [0, 1)")
+    _require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
+    _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
+    _require(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0")
+
+    t = cfg.train
+    _require(t.epochs >= 1 or t.max_steps >= 1, "train.epochs", t.epochs,
+             "set train.epochs >= 1 or train.max_steps >= 1")
+    _require(t.max_steps >= 0, "train.max_steps", t.max_steps, "must be >= 0")
+    _require(t.grad_accum >= 1, "train.grad_accum", t.grad_accum, "must be >= 1")
+    _require(t.phase2_epoch >= 0, "train.phase2_epoch", t.phase2_epoch, "must be >= 0")
+    _require(t.key_init_batches >= 1, "train.key_init_batches", t.key_init_batches, "must be >= 1")
+    _require(t.key_init_samples >= m.num_experts, "train.key_init_samples", t.key_init_samples,
+             f"k-means needs at least num_experts={m.num_experts} samples")
+    _require(t.kmeans_iters >= 1, "train.kmeans_iters", t.kmeans_iters, "must be >= 1")
+    _require(t.eval_every_epochs >= 1, "train.eval_every_epochs", t.eval_every_epochs, "must be >= 1")
+    _require(t.log_every_steps >= 1, "train.log_every_steps", t.log_every_steps, "must be >= 1")
+
+    ds = cfg.dist
+    _require(ds.ep_size >= 1, "dist.ep_size", ds.ep_size, "must be >= 1")
+    _require(m.num_experts % ds.ep_size == 0, "dist.ep_size", ds.ep_size,
+             f"must divide model.num_experts={m.num_experts}")
+    _require(ds.zero_stage in (0, 1, 2), "dist.zero_stage", ds.zero_stage,
+             "ZeRO-3 is not supported with expert parallelism (DeepSpeed MoE); use 0, 1 or 2")
+    _require(ds.timeout_s > 0, "dist.timeout_s", ds.timeout_s, "must be > 0")
+
+    c = cfg.checkpoint
+    _require(c.every_steps >= 0, "checkpoint.every_steps", c.every_steps, "must be >= 0")
+    _require(c.keep_last >= 1, "checkpoint.keep_last", c.keep_last, "must be >= 1")

@@ -1,0 +1,81 @@
+"""One PCE layer: extract -> route -> sparse dispatch -> weighted sum -> reassemble -> conv1x1.
+
+Also the dense baseline layer, which replaces routing by a single expert block over the
+whole feature map (same positional channels, same conv1x1), so that PCE-vs-dense
+comparisons differ only in routing.
+
+Shape legend: B batch, P patches, C channels, n patch side, N = B*P, E experts.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .dispatch import Dispatcher, LocalDispatcher
+from .experts import ConvExpert
+from .patches import PatchExtractor
+from .router import Router
+from .routing import RouteResult, ThresholdWeights
+
+
+class PCELayer(nn.Module):
+    """``[B,C_in,H,W] -> ([B,C_out,H,W], RouteResult)``.
+
+    ``experts`` is a ``ModuleDict`` keyed by *global* expert id, so a rank that hosts only
+    some experts (expert parallelism) still names each parameter by its global id --
+    checkpoints and gradient-reduction groups rely on that. The dispatcher is a plain
+    attribute (no parameters); the distributed setup swaps it for the all-to-all one and
+    drops the experts this rank does not host (``keep_experts``).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, *, patch_size: int, map_size: int,
+                 num_experts: int, expert_kernel: int = 3, expert_norm: str = "batch",
+                 expert_dropout: float = 0.0, router_dim: int = 8, spp_levels=(1, 2, 4),
+                 spp_pool: str = "max", temperature: float = 0.1,
+                 wth: ThresholdWeights = ThresholdWeights(), mask_sharpness: float = 50.0,
+                 ema_alpha: float = 0.99) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.extractor = PatchExtractor(patch_size, map_size)
+        self.router = Router(in_channels + 4, num_experts, router_dim=router_dim, spp_levels=spp_levels,
+                             spp_pool=spp_pool, temperature=temperature, wth=wth,
+                             mask_sharpness=mask_sharpness, ema_alpha=ema_alpha)
+        self.experts = nn.ModuleDict({
+            str(e): ConvExpert(in_channels + 4, out_channels, kernel_size=expert_kernel,
+                               norm=expert_norm, dropout=expert_dropout)
+            for e in range(num_experts)
+        })
+        self.out_proj = nn.Conv2d(out_channels, out_channels, kernel_size=1)
+        self.dispatcher: Dispatcher = LocalDispatcher()
+
+    def keep_experts(self, expert_ids: list[int]) -> None:
+        """Drop every expert not in ``expert_ids`` (used when placing experts on ranks)."""
+        for key in list(self.experts.keys()):
+            if int(key) not in expert_ids:
+                del self.experts[key]
+
+    def forward(self, x_BCHW: torch.Tensor) -> tuple[torch.Tensor, RouteResult]:
+        patches_BPCnn = self.extractor(x_BCHW)
+        B, P, C, n, _ = patches_BPCnn.shape
+        patches_NCnn = patches_BPCnn.reshape(B * P, C, n, n)
+        routes = self.router(patches_NCnn)
+        y_NCnn = self.dispatcher(patches_NCnn, routes.weights_NE, self.experts)
+        y_BCHW = self.extractor.reassemble(y_NCnn.reshape(B, P, *y_NCnn.shape[1:]))
+        return self.out_proj(y_BCHW), routes
+
+
+class DenseLayer(nn.Module):
+    """The dense baseline: one expert block over the whole map (one "patch" of size H)."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, map_size: int, expert_kernel: int = 3,
+                 expert_norm: str = "batch", expert_dropout: float = 0.0) -> None:
+        super().__init__()
+        self.extractor = PatchExtractor(map_size, map_size)
+        self.block = ConvExpert(in_channels + 4, out_channels, kernel_size=expert_kernel,
+                                norm=expert_norm, dropout=expert_dropout)
+        self.out_proj = nn.Conv2d(out_channels, out_channels, kernel_size=1)
+
+    def forward(self, x_BCHW: torch.Tensor) -> tuple[torch.Tensor, None]:
+        x_B1CHW = self.extractor(x_BCHW)
+        return self.out_proj(self.block(x_B1CHW[:, 0])), None

@@ -1,0 +1,93 @@
+"""PCENet: stem -> stack of PCE layers (progressively smaller patches) -> SPP + FC head.
+
+Shape legend: B batch, C channels, H/W map size, K classes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig, feature_map_sizes
+from .layer import DenseLayer, PCELayer
+from .router import Router, spp
+from .routing import RouteResult, ThresholdWeights
+
+
+@dataclass
+class PCEOutput:
+    logits_BK: torch.Tensor
+    routes: list[RouteResult]  # one per PCE layer (empty for the dense baseline)
+
+
+class PCENet(nn.Module):
+    """Positional Convolution Experts classifier, built from a ``ModelConfig``.
+
+    The stem (3x3 conv + BN + ReLU) lifts raw pixels to ``stem_channels`` so the first
+    router sees features, not intensities. Layer ``i`` optionally halves the map
+    (2x2 average pool) before extracting ``patch_sizes[i]`` patches.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.stem = nn.Sequential(
+            nn.Conv2d(cfg.in_channels, cfg.stem_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(cfg.stem_channels), nn.ReLU(inplace=True))
+        wth = ThresholdWeights(max=cfg.wth_max, entropy=cfg.wth_entropy, gap=cfg.wth_gap)
+        self.downsample = nn.ModuleList()
+        self.layers = nn.ModuleList()
+        in_ch = cfg.stem_channels
+        for i, (out_ch, size) in enumerate(zip(cfg.channels, feature_map_sizes(cfg))):
+            self.downsample.append(nn.AvgPool2d(2) if cfg.downsample[i] else nn.Identity())
+            if cfg.kind == "dense":
+                layer: nn.Module = DenseLayer(in_ch, out_ch, map_size=size, expert_kernel=cfg.expert_kernel,
+                                              expert_norm=cfg.expert_norm, expert_dropout=cfg.expert_dropout)
+            else:
+                layer = PCELayer(in_ch, out_ch, patch_size=cfg.patch_sizes[i], map_size=size,
+                                 num_experts=cfg.num_experts, expert_kernel=cfg.expert_kernel,
+                                 expert_norm=cfg.expert_norm, expert_dropout=cfg.expert_dropout,
+                                 router_dim=cfg.router_dim, spp_levels=tuple(cfg.spp_levels),
+                                 spp_pool=cfg.spp_pool, temperature=cfg.temperature, wth=wth,
+                                 mask_sharpness=cfg.mask_sharpness, ema_alpha=cfg.key_ema_alpha)
+            self.layers.append(layer)
+            in_ch = out_ch
+        head_dim = in_ch * sum(level * level for level in cfg.head_spp_levels)
+        self.head = nn.Linear(head_dim, cfg.num_classes)
+
+    def forward(self, x_BCHW: torch.Tensor) -> PCEOutput:
+        h = self.stem(x_BCHW)
+        routes: list[RouteResult] = []
+        for down, layer in zip(self.downsample, self.layers):
+            h, layer_routes = layer(down(h))
+            if layer_routes is not None:
+                routes.append(layer_routes)
+        logits_BK = self.head(spp(h, self.cfg.head_spp_levels, self.cfg.spp_pool))
+        return PCEOutput(logits_BK=logits_BK, routes=routes)
+
+    # --- router helpers used by the trainer (phases, EMA, key init) -----------------
+
+    def pce_layers(self) -> list[PCELayer]:
+        return [layer for layer in self.layers if isinstance(layer, PCELayer)]
+
+    def routers(self) -> list[Router]:
+        return [layer.router for layer in self.pce_layers()]
+
+    def set_keys_trainable(self, trainable: bool) -> None:
+        for router in self.routers():
+            router.set_keys_trainable(trainable)
+
+    def update_keys_ema(self, stats: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """``stats[l] = (sum_wemb_ED, sum_w_E)`` of layer l, already reduced across ranks."""
+        for router, (sum_wemb_ED, sum_w_E) in zip(self.routers(), stats, strict=True):
+            router.update_keys_ema(sum_wemb_ED, sum_w_E)
+
+    def expert_parameter_names(self) -> list[str]:
+        """Names of parameters that belong to one expert (reduced per expert, not globally)."""
+        return [name for name, _ in self.named_parameters() if ".experts." in name]
+
+
+def build_model(cfg: ModelConfig) -> PCENet:
+    return PCENet(cfg)
