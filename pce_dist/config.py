@@ -33,6 +33,7 @@ class ModelConfig:
     image_size: int = 28  # input H = W; every patch size must divide the map it is applied to
     num_classes: int = 10
     stem_channels: int = 32  # a 3x3 conv stem lifts raw pixels before the first routing decision
+    stem_norm: Literal["batch", "group"] = "batch"  # "group" makes every op per-sample (exact multi-rank tests)
     channels: list[int] = field(default_factory=lambda: [32, 64])  # output channels per PCE layer
     patch_sizes: list[int] = field(default_factory=lambda: [14, 7])  # progressively smaller patches (seed)
     downsample: list[bool] = field(default_factory=lambda: [False, False])  # 2x avg-pool before the layer
@@ -58,7 +59,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    root: str = "data/digits"  # directory (or URL prefix) holding {split}-NNNNNN.tar + manifest.json
+    root: str = "data/digits"  # dir or URL prefix of {split}-NNNNNN.tar + manifest.json; "{name}" marks where
+    # the file name goes in a pipe: command, e.g. "pipe:curl -s https://host/ds/{name}"
     train_split: str = "train"
     val_split: str = ""  # "" = no validation split; used for model selection, never the test split
     eval_split: str = "test"
@@ -66,6 +68,8 @@ class DataConfig:
     num_workers: int = 1  # loader processes per rank
     shuffle_buffer: int = 1000  # sample-level shuffle buffer inside each worker
     resampled: bool = False  # sample shards with replacement (very large data; epochs become nominal)
+    samples_per_epoch: int = 0  # resampled only: nominal epoch length; 0 = the train split's size
+    train_shards: str = ""  # subset of train shard names, brace pattern ("train-{000000..000009}.tar"); "" = all
     strict: bool = False  # raise on a corrupt sample instead of skipping and counting it
     random_crop_padding: int = 0  # pad-then-crop augmentation in pixels; 0 = off
     hflip: bool = False  # random horizontal flip; off by default (digits are not flip-invariant)
@@ -335,6 +339,9 @@ def validate(cfg: RunConfig) -> None:
     _require(len(d.mean) == len(d.std) == m.in_channels, "data.mean", d.mean,
              f"data.mean and data.std need model.in_channels={m.in_channels} entries")
     _require(all(s > 0 for s in d.std), "data.std", d.std, "must be > 0")
+    _require(d.samples_per_epoch >= 0, "data.samples_per_epoch", d.samples_per_epoch, "must be >= 0")
+    _require(d.samples_per_epoch == 0 or d.resampled, "data.samples_per_epoch", d.samples_per_epoch,
+             "only applies with data.resampled=true (an exact epoch is the split's size)")
 
     o = cfg.optim
     _require(o.lr > 0 and math.isfinite(o.lr), "optim.lr", o.lr, "must be a positive number")

@@ -51,11 +51,18 @@ class RoutePlan:
     counts: list[int]
 
 
-def plan_routes(weights_NE: torch.Tensor) -> RoutePlan:
+def plan_routes(weights_NE: torch.Tensor, counts: list[int] | None = None) -> RoutePlan:
+    """List the selected (item, expert) pairs expert-major.
+
+    ``counts`` (pairs per expert, on the host) may be passed by a caller that already
+    synced them -- the all-to-all dispatcher fetches them together with the counts it
+    receives, so the layer still syncs once.
+    """
     N, E = weights_NE.shape
     selected_EN = (weights_NE > 0).t()
     counts_E = selected_EN.sum(dim=1)
-    counts = counts_E.tolist()
+    if counts is None:
+        counts = counts_E.tolist()
     flat_M = torch.nonzero_static(selected_EN.reshape(-1), size=sum(counts)).squeeze(1)
     item_M = flat_M % N
     expert_M = torch.div(flat_M, N, rounding_mode="floor")

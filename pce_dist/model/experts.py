@@ -25,8 +25,13 @@ def make_norm(kind: str, channels: int) -> nn.Module:
 
 
 class ConvExpert(nn.Module):
-    """``[M,C_in,n,n] -> [M,C_out,n,n]``; an empty batch (M == 0) returns an empty result
-    without running any kernel, so an expert that receives no patch costs nothing."""
+    """``[M,C_in,n,n] -> [M,C_out,n,n]``.
+
+    An empty batch (M == 0) runs no kernel, so an expert that receives no patch costs
+    nothing; its empty result stays attached to the input's autograd graph (``+ x.sum()``
+    of an empty tensor is 0), so a backward pass visits the same nodes whatever the
+    routing -- collectives inside the graph (expert parallelism) stay matched across ranks.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, *, kernel_size: int = 3,
                  norm: str = "batch", dropout: float = 0.0) -> None:
@@ -46,7 +51,7 @@ class ConvExpert(nn.Module):
 
     def forward(self, x_MCnn: torch.Tensor) -> torch.Tensor:
         if x_MCnn.shape[0] == 0:
-            return x_MCnn.new_zeros(0, self.out_channels, *x_MCnn.shape[2:])
+            return x_MCnn.new_zeros(0, self.out_channels, *x_MCnn.shape[2:]) + x_MCnn.sum()
         h = self.drop(self.act(self.norm1(self.conv1(x_MCnn))))
         h = self.norm2(self.conv2(h))
         return self.act(h + self.skip(x_MCnn))

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig, feature_map_sizes
+from .experts import make_norm
 from .layer import DenseLayer, PCELayer
 from .router import Router, spp
 from .routing import RouteResult, ThresholdWeights
@@ -25,7 +26,7 @@ class PCEOutput:
 class PCENet(nn.Module):
     """Positional Convolution Experts classifier, built from a ``ModelConfig``.
 
-    The stem (3x3 conv + BN + ReLU) lifts raw pixels to ``stem_channels`` so the first
+    The stem (3x3 conv + norm + ReLU) lifts raw pixels to ``stem_channels`` so the first
     router sees features, not intensities. Layer ``i`` optionally halves the map
     (2x2 average pool) before extracting ``patch_sizes[i]`` patches.
     """
@@ -35,7 +36,7 @@ class PCENet(nn.Module):
         self.cfg = cfg
         self.stem = nn.Sequential(
             nn.Conv2d(cfg.in_channels, cfg.stem_channels, 3, padding=1, bias=False),
-            nn.BatchNorm2d(cfg.stem_channels), nn.ReLU(inplace=True))
+            make_norm(cfg.stem_norm, cfg.stem_channels), nn.ReLU(inplace=True))
         wth = ThresholdWeights(max=cfg.wth_max, entropy=cfg.wth_entropy, gap=cfg.wth_gap)
         self.downsample = nn.ModuleList()
         self.layers = nn.ModuleList()

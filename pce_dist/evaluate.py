@@ -1,0 +1,58 @@
+"""Evaluate an exported model on one process: ``python -m pce_dist.evaluate MODEL.pt``.
+
+    python -m pce_dist.evaluate MODEL.pt [--data-root DIR] [--split test] [--batch-size N] [--json]
+
+Uses the same data pipeline (``pce_dist.data``) and the same metric arithmetic
+(``pce_dist.evaluation``) as the distributed trainer, so the numbers are comparable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+import torch
+
+from . import evaluation
+from .config import config_from_dict
+from .export import load_exported
+
+
+def evaluate_file(path: str, *, data_root: str | None = None, split: str | None = None,
+                  batch_size: int | None = None) -> dict[str, float]:
+    from .data import build_eval_loader
+
+    model, config = load_exported(path)
+    cfg = config_from_dict(config)
+    data_cfg = dataclasses.replace(cfg.data, root=data_root or cfg.data.root,
+                                   batch_size=batch_size or cfg.data.batch_size)
+    split = split or cfg.data.eval_split
+    loader = build_eval_loader(data_cfg, split, rank=0, world_size=1)
+    sums, layer_sums = evaluation.accumulate(model, loader, device=torch.device("cpu"), dtype=torch.float32,
+                                             num_layers=len(model.routers()), num_experts=cfg.model.num_experts)
+    return evaluation.metrics(sums, layer_sums, prefix="eval" if split == cfg.data.eval_split else split,
+                              collapse_usage=cfg.model.collapse_usage)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pce_dist.evaluate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model")
+    ap.add_argument("--data-root", default=None, help="shards directory (default: the run's data.root)")
+    ap.add_argument("--split", default=None, help="split to evaluate (default: the run's data.eval_split)")
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--json", action="store_true", help="print every metric as one JSON object")
+    args = ap.parse_args(argv)
+    metrics = evaluate_file(args.model, data_root=args.data_root, split=args.split, batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps(metrics, indent=1))
+    else:
+        key = next(k for k in metrics if k.endswith("/accuracy"))
+        print(f"{key.split('/')[0]} accuracy: {metrics[key]:.4f} on {int(metrics[key.replace('accuracy', 'samples')])} samples")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

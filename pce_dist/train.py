@@ -1,0 +1,186 @@
+"""The training entry point: ``main(argv)`` builds every object from the resolved config and
+hands them to the ``Trainer``. Both launchers (``launch/local.py``, ``launch/slurm.py``)
+call this function in every rank; it reads its rank from the environment via ``DistEnv``.
+
+    python -m pce_dist.train [--config configs/X.yaml] [--output-dir DIR] [key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import RunConfig, load_config, to_yaml
+from .distributed.env import DistEnv
+
+log = logging.getLogger("pce_dist")
+
+# Datasets that the pipeline prepares by itself when their shards are missing.
+AUTO_PREPARE = {"digits"}
+
+
+def parse_args(argv: list[str] | None) -> tuple[str | None, list[str]]:
+    ap = argparse.ArgumentParser(prog="pce_dist.train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=None, help="YAML file of overrides (configs/*.yaml)")
+    ap.add_argument("--output-dir", default=None, help="run directory (output_dir=...)")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.num_experts=8")
+    args = ap.parse_args(argv)
+    overrides = list(args.overrides)
+    if args.output_dir:
+        overrides.append(f"output_dir={args.output_dir}")
+    return args.config, overrides
+
+
+def setup_logging(env: DistEnv) -> None:
+    level = logging.INFO if env.is_main else logging.WARNING
+    logging.basicConfig(level=level, format=f"[rank {env.rank}] %(asctime)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", force=True)
+    for noisy in ("deepspeed", "DeepSpeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def ensure_data(cfg: RunConfig, env: DistEnv) -> None:
+    """Prepare the embedded dataset on rank 0 when its manifest is missing; others wait."""
+    root = Path(cfg.data.root)
+    if "://" in cfg.data.root or cfg.data.root.startswith("pipe:") or (root / "manifest.json").exists():
+        return
+    name = root.name
+    if env.is_main:
+        if name not in AUTO_PREPARE:
+            raise ValueError(f"config key 'data.root' = {cfg.data.root!r}: no manifest.json there; prepare it with "
+                             f"`python data_prep/make_shards.py --source ... --out {cfg.data.root}`")
+        from data_prep import prepare
+
+        log.info("preparing %s shards in %s", name, root)
+        prepare(name, root, shard_size=128)
+    env.barrier()
+
+
+class ShardData:
+    """The trainer's view of the data: per-epoch loaders over the manifest's shards."""
+
+    def __init__(self, cfg: RunConfig, env: DistEnv) -> None:
+        from .data import read_manifest
+
+        self.cfg, self.env = cfg, env
+        self.manifest = read_manifest(cfg.data.root)
+        self.manifest.check_model(in_channels=cfg.model.in_channels, image_size=cfg.model.image_size,
+                                  num_classes=cfg.model.num_classes)
+        self._last = None
+
+    def train_loader(self, epoch: int, start_step: int):
+        from .data import build_train_loader
+
+        self._last = build_train_loader(self.cfg.data, rank=self.env.rank, world_size=self.env.world_size,
+                                        seed=self.cfg.train.seed, epoch=epoch, start_step=start_step,
+                                        manifest=self.manifest)
+        return self._last
+
+    def eval_loader(self, split: str):
+        from .data import build_eval_loader
+
+        return build_eval_loader(self.cfg.data, split, rank=self.env.rank, world_size=self.env.world_size,
+                                 manifest=self.manifest)
+
+    def steps_per_epoch(self) -> int:
+        from .data import build_train_loader
+
+        return len(build_train_loader(self.cfg.data, rank=self.env.rank, world_size=self.env.world_size,
+                                      seed=self.cfg.train.seed, epoch=0, manifest=self.manifest))
+
+    def stats(self) -> dict[str, int]:
+        if self._last is None:
+            return {}
+        return {k: v for k, v in self._last.stats().items() if k != "rank" and isinstance(v, (int, float))}
+
+
+def build_model_for(cfg: RunConfig, env: DistEnv):
+    from .distributed.expert_parallel import parallelize_experts
+    from .model import build_model
+
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    return parallelize_experts(build_model(cfg.model), env)
+
+
+@dataclass
+class RunResult:
+    status: str  # "FINISHED", or "STOPPED" when a stop signal ended the run after a checkpoint
+    metrics: dict[str, float]
+    run_id: str
+    checkpoint: str | None  # the newest complete checkpoint
+
+
+def run(cfg: RunConfig, env: DistEnv, stop_signals: tuple[int, ...] = (signal.SIGUSR1,)) -> RunResult:
+    """Build everything for ``cfg`` and train.
+
+    Any of ``stop_signals`` (delivered to any rank) makes all ranks agree at the next log
+    interval, write a checkpoint and return with status "STOPPED"; a later ``run`` with
+    the same ``output_dir`` resumes from it.
+    """
+    from .checkpoint import Checkpointer
+    from .engine import build_engine
+    from .tracking import Tracker
+    from .trainer import Trainer
+
+    run_dir = Path(cfg.output_dir).resolve()
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    ensure_data(cfg, env)
+    data = ShardData(cfg, env)
+    checkpointer = Checkpointer(cfg, env, run_dir)
+    for signum in stop_signals:
+        signal.signal(signum, checkpointer.request_stop)
+    resume = checkpointer.find_resume()
+    model = build_model_for(cfg, env)
+    trainer_probe_steps = data.steps_per_epoch() // cfg.train.grad_accum
+    total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else cfg.train.epochs * trainer_probe_steps
+    engine, _ = build_engine(model, cfg, env, total_steps)
+    torch.manual_seed(cfg.train.seed * 1000 + env.rank + 1)  # per-rank dropout streams (a resume restores them)
+    state = checkpointer.load(resume, model, engine) if resume else None
+    tracker = Tracker.start(cfg, env, run_dir, resume_run_id=checkpointer.run_id)
+    checkpointer.run_id = tracker.run_id
+    status = "FAILED"
+    try:
+        trainer = Trainer(cfg, env, model, engine, data, tracker, checkpointer, state=state,
+                          should_stop=checkpointer.stop_requested)
+        metrics = trainer.fit()
+        if cfg.data.val_split and not checkpointer.stop_requested():
+            metrics = trainer.evaluate(cfg.data.eval_split)
+        status = "STOPPED" if checkpointer.stop_requested() else "FINISHED"
+        if env.is_main:
+            acc = metrics.get("eval/accuracy")
+            print(f"\n{cfg.data.eval_split} accuracy: {acc:.4f}" if status == "FINISHED" and acc is not None
+                  else f"\nstopped at step {trainer.state.global_step} after a checkpoint", flush=True)
+            print(f"MLflow run: {tracker.run_id} ({tracker.tracking_uri})", flush=True)
+            print(f"checkpoints: {checkpointer.root}", flush=True)
+        return RunResult(status=status, metrics=metrics, run_id=tracker.run_id,
+                         checkpoint=str(checkpointer.last_saved) if checkpointer.last_saved else None)
+    finally:
+        # a stopped run is KILLED in MLflow until its continuation resumes it (back to RUNNING)
+        tracker.finish({"FINISHED": "FINISHED", "STOPPED": "KILLED"}.get(status, "FAILED"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    config_path, overrides = parse_args(argv if argv is not None else sys.argv[1:])
+    cfg = load_config(config_path, overrides)
+    env = DistEnv.from_environ(cfg.dist).init()
+    setup_logging(env)
+    try:
+        result = run(cfg, env)
+    finally:
+        env.destroy()
+    return 0 if result.status == "FINISHED" else 3  # 3: stopped by a signal after a checkpoint
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

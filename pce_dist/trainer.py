@@ -1,0 +1,304 @@
+"""The training loop. It receives built objects and owns none of their construction.
+
+``Trainer(cfg, env, model, engine, data, tracker, checkpointer)``:
+  * ``model`` is the expert-parallelised ``PCENet`` inside ``engine`` (a DeepSpeed engine);
+  * ``data`` builds per-epoch loaders (``DataSource``);
+  * ``tracker`` logs metrics on rank 0; ``checkpointer`` (optional) saves and restores.
+
+Synchronisation discipline: the hot path (forward, backward, step) keeps every running
+sum on the device. Host syncs happen only at ``train.log_every_steps`` (one all-reduce of
+a small vector, then one ``.tolist()``), at evaluation, and inside the expert dispatch
+(per-expert counts, see ``pce_dist.model.dispatch``). Every rank runs exactly
+``len(loader)`` micro-steps per epoch, so collectives always pair up.
+
+Phase 1 (epoch < ``train.phase2_epoch``): keys are detached in the forward and moved by
+the EMA. The statistics of every micro-batch of an optimizer step are summed locally,
+then all-reduced over the data-parallel group once per optimizer step and applied once --
+so every rank holds bit-identical keys and gradient accumulation does not double count.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Protocol
+
+import torch
+import torch.distributed as dist
+
+from . import evaluation
+from .config import RunConfig
+from .distributed.env import DistEnv
+from .distributed.expert_parallel import traffic_stats
+from .keyinit import init_keys
+from .model.losses import pce_loss
+from .model.net import PCENet
+
+log = logging.getLogger(__name__)
+
+
+class DataSource(Protocol):
+    def train_loader(self, epoch: int, start_step: int): ...
+    def eval_loader(self, split: str): ...
+    def steps_per_epoch(self) -> int: ...
+
+
+@dataclass
+class TrainState:
+    """Where training is; saved in checkpoints. ``micro_step`` counts batches of ``epoch``."""
+
+    epoch: int = 0
+    micro_step: int = 0
+    global_step: int = 0  # optimizer steps
+    samples_seen: int = 0  # on this rank
+    keys_initialised: bool = False
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, env: DistEnv, model: PCENet, engine: Any, data: DataSource,
+                 tracker: Any, checkpointer: Any = None, state: TrainState | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> None:
+        self.cfg, self.env, self.model, self.engine, self.data = cfg, env, model, engine, data
+        self.tracker, self.checkpointer = tracker, checkpointer
+        self.state = state or TrainState()
+        self.should_stop = should_stop or (lambda: False)
+        self.device = env.device
+        self.dtype = torch.bfloat16 if cfg.dist.precision == "bf16" or (
+            cfg.dist.precision == "auto" and env.device.type == "cuda") else torch.float32
+        micro_per_epoch = data.steps_per_epoch() // cfg.train.grad_accum * cfg.train.grad_accum
+        if micro_per_epoch < 1:
+            raise ValueError(f"an epoch has {data.steps_per_epoch()} batches per rank, fewer than "
+                             f"train.grad_accum={cfg.train.grad_accum}; lower data.batch_size or train.grad_accum")
+        self.micro_per_epoch = micro_per_epoch
+        self.steps_per_epoch = micro_per_epoch // cfg.train.grad_accum
+        if cfg.train.max_steps > 0:
+            self.total_steps = cfg.train.max_steps
+            self.num_epochs = math.ceil(cfg.train.max_steps / self.steps_per_epoch)
+        else:
+            self.num_epochs = cfg.train.epochs
+            self.total_steps = cfg.train.epochs * self.steps_per_epoch
+        self.history: list[dict] = []  # rank-0 view of every logged train metric row
+        self.last_eval: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ helpers
+
+    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if self.env.world_size > 1:
+            dist.all_reduce(t, group=self.env.dp_group)
+        return t
+
+    def _to_device(self, x: torch.Tensor, y: torch.Tensor):
+        return x.to(self.device, self.dtype, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def in_phase2(self, epoch: int) -> bool:
+        return epoch >= self.cfg.train.phase2_epoch
+
+    # ------------------------------------------------------------------ key init
+
+    def init_keys(self) -> list[dict]:
+        """Sample embeddings on every rank, k-means on rank 0, broadcast: layer by layer."""
+        t = self.cfg.train
+        loader = self.data.train_loader(0, 0)
+        batches = []
+        for x, _ in loader:
+            batches.append(x.to(self.device, self.dtype))
+            if len(batches) == t.key_init_batches:
+                break
+        world = self.env.world_size
+
+        def gather(emb: torch.Tensor):
+            if world == 1:
+                return emb
+            parts = [torch.empty_like(emb) for _ in range(world)]
+            dist.all_gather(parts, emb.contiguous())  # same sizes on every rank: same batches
+            return torch.cat(parts) if self.env.is_main else None
+
+        def broadcast(keys: torch.Tensor | None) -> torch.Tensor:
+            if world == 1:
+                return keys
+            router = self.model.routers()[0]
+            buf = keys if keys is not None else torch.empty(router.num_experts, router.embed_dim)
+            dist.broadcast(buf, src=0)
+            return buf
+
+        start = time.perf_counter()
+        records = init_keys(self.model, batches, max_samples=t.key_init_samples // world, niter=t.kmeans_iters,
+                            seed=t.seed, method=t.key_init, gather=gather, broadcast=broadcast)
+        seconds = time.perf_counter() - start
+        self.state.keys_initialised = True
+        metrics = {"keyinit/seconds_total": seconds}
+        for r in records:
+            if "objective" in r:
+                metrics[f"keyinit/layer{r['layer']}/objective"] = r["objective"]
+                metrics[f"keyinit/layer{r['layer']}/kmeans_seconds"] = r["seconds"]
+        self.tracker.log_metrics(metrics, step=self.state.global_step)
+        if self.env.is_main:
+            log.info("key init took %.2f s: %s", seconds, records)
+        return records
+
+    # ------------------------------------------------------------------ training
+
+    def fit(self) -> dict[str, float]:
+        if not self.state.keys_initialised and self.model.routers():
+            self.init_keys()
+        while self.state.epoch < self.num_epochs and self.state.global_step < self.total_steps:
+            stopped = self.train_epoch(self.state.epoch)
+            if stopped:
+                return self.last_eval
+            if (self.state.epoch + 1) % self.cfg.train.eval_every_epochs == 0 or \
+                    self.state.epoch + 1 == self.num_epochs or self.state.global_step >= self.total_steps:
+                self.evaluate(self.cfg.data.val_split or self.cfg.data.eval_split)
+            if self.state.micro_step >= self.micro_per_epoch:  # a whole epoch, not a max_steps cut
+                self.state.epoch += 1
+                self.state.micro_step = 0
+                if self.checkpointer is not None:
+                    self.checkpointer.save(self, reason="epoch")
+        if self.checkpointer is not None and self.checkpointer.saved_step != self.state.global_step:
+            self.checkpointer.save(self, reason="final")  # training ended by train.max_steps mid-epoch
+        return self.last_eval
+
+    def _new_accumulators(self) -> dict[str, torch.Tensor]:
+        num_layers = len(self.model.routers())
+        num_experts = self.cfg.model.num_experts
+        return {"sums": torch.zeros(6, device=self.device),  # loss, ce, confidence, collapse, correct, count
+                "usage": torch.zeros(num_layers, num_experts, device=self.device),
+                "micro": 0, "time": time.perf_counter()}
+
+    def train_epoch(self, epoch: int) -> bool:
+        """One epoch from ``state.micro_step``; returns True when asked to stop early."""
+        cfg, model, engine = self.cfg, self.model, self.engine
+        phase2 = self.in_phase2(epoch)
+        model.set_keys_trainable(phase2)
+        engine.train()
+        loader = self.data.train_loader(epoch, self.state.micro_step)
+        ema_acc = None
+        acc = self._new_accumulators()
+        bar = self._progress(epoch)
+        for x, y in loader:
+            if self.state.micro_step >= self.micro_per_epoch:
+                break  # the tail that does not fill a whole accumulation window
+            x, y = self._to_device(x, y)
+            out = engine(x)
+            losses = pce_loss(out, y, cfg.model)
+            engine.backward(losses.total)
+            if not phase2 and out.routes:
+                stats = [torch.cat([r.sum_wemb_ED.float().flatten(), r.sum_w_E.float()]) for r in out.routes]
+                ema_acc = stats if ema_acc is None else [a + s for a, s in zip(ema_acc, stats)]
+            boundary = engine.is_gradient_accumulation_boundary()
+            engine.step()
+            with torch.no_grad():
+                acc["sums"] += torch.stack([losses.total.detach().float(), losses.ce.detach().float(),
+                                            losses.confidence.detach().float(), losses.collapse.detach().float(),
+                                            (out.logits_BK.argmax(1) == y).sum().float(),
+                                            torch.tensor(float(y.shape[0]), device=self.device)])
+                for layer, r in enumerate(out.routes):
+                    acc["usage"][layer] += r.selected_NE.float().mean(0)
+            acc["micro"] += 1
+            self.state.micro_step += 1
+            self.state.samples_seen += y.shape[0]
+            if bar is not None:
+                bar.update(1)
+            if boundary:
+                if ema_acc is not None:
+                    self._apply_ema(ema_acc)
+                    ema_acc = None
+                self.state.global_step += 1
+                if self.state.global_step % cfg.train.log_every_steps == 0:
+                    self._log_train(acc, bar)
+                    acc = self._new_accumulators()
+                stop = False
+                if self.state.global_step % cfg.train.log_every_steps == 0:  # agree on a stop request
+                    stop = self.env.all_reduce_flag(self.should_stop())
+                if self.checkpointer is not None and (stop or self._checkpoint_due()):
+                    self.checkpointer.save(self, reason="signal" if stop else "step")
+                if stop:
+                    if bar is not None:
+                        bar.close()
+                    return True
+                if self.state.global_step >= self.total_steps:
+                    break
+        if bar is not None:
+            bar.close()
+        return False
+
+    def _checkpoint_due(self) -> bool:
+        every = self.cfg.checkpoint.every_steps
+        return every > 0 and self.state.global_step % every == 0
+
+    def _apply_ema(self, ema_acc: list[torch.Tensor]) -> None:
+        flat = self._all_reduce(torch.cat(ema_acc))
+        stats, offset = [], 0
+        for router in self.model.routers():
+            E, D = router.keys.shape
+            sum_wemb = flat[offset:offset + E * D].view(E, D)
+            sum_w = flat[offset + E * D:offset + E * D + E]
+            offset += E * D + E
+            stats.append((sum_wemb, sum_w))
+        self.model.update_keys_ema(stats)
+
+    def _progress(self, epoch: int):
+        if not self.env.is_main:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.micro_per_epoch, initial=self.state.micro_step, desc=f"epoch {epoch}",
+                    unit="batch", dynamic_ncols=True, leave=True)
+
+    def _log_train(self, acc: dict, bar) -> None:
+        sums = self._all_reduce(acc["sums"].clone())
+        usage = self._all_reduce(acc["usage"].clone()) / max(1, acc["micro"] * self.env.world_size)
+        loss, ce, conf, collapse, correct, count = sums.tolist()
+        micro_all = max(1, acc["micro"] * self.env.world_size)
+        elapsed = time.perf_counter() - acc["time"]
+        traffic = traffic_stats(self.model)
+        metrics = {
+            "train/loss": loss / micro_all, "train/ce": ce / micro_all,
+            "train/confidence": conf / micro_all, "train/collapse": collapse / micro_all,
+            "train/accuracy": correct / max(1.0, count), "train/lr": self.engine.get_lr()[0],
+            "train/epoch": self.state.epoch, "train/phase": 2 if self.in_phase2(self.state.epoch) else 1,
+            "perf/img_per_s": count / max(elapsed, 1e-9),
+            "perf/step_time_s": elapsed / max(1, acc["micro"]) * self.cfg.train.grad_accum,
+        }
+        steps = max(1, acc["micro"] // self.cfg.train.grad_accum)
+        if traffic["routed_bytes"]:
+            metrics["comm/routed_bytes_per_step"] = traffic["routed_bytes"] / steps
+            metrics["comm/dispatch_bytes_per_step"] = traffic["dispatch_bytes"] / steps
+            metrics["comm/return_bytes_per_step"] = traffic["return_bytes"] / steps
+        for layer, row in enumerate(usage.tolist()):
+            for e, u in enumerate(row):
+                metrics[f"router/usage/layer{layer}/expert{e}"] = u
+        self.tracker.log_metrics(metrics, step=self.state.global_step)
+        if self.env.is_main:
+            self.history.append({"step": self.state.global_step, **metrics})
+            if bar is not None:
+                bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", acc=f"{metrics['train/accuracy']:.3f}",
+                                img_s=f"{metrics['perf/img_per_s']:.0f}", refresh=False)
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self, split: str) -> dict[str, float]:
+        """Whole split, each sample once across ranks; one all-reduce of the sums."""
+        model, cfg = self.model, self.cfg
+        was_training = model.training
+        self.engine.eval()
+        sums, layer_sums = evaluation.accumulate(self.engine, self.data.eval_loader(split), device=self.device,
+                                                 dtype=self.dtype, num_layers=len(model.routers()),
+                                                 num_experts=cfg.model.num_experts)
+        prefix = "eval" if split == cfg.data.eval_split else split
+        metrics = evaluation.metrics(self._all_reduce(sums), self._all_reduce(layer_sums), prefix=prefix,
+                                     collapse_usage=cfg.model.collapse_usage)
+        data_stats = getattr(self.data, "stats", lambda: {})()
+        if data_stats:
+            keys = sorted(data_stats)
+            totals = self._all_reduce(torch.tensor([float(data_stats[k]) for k in keys], device=self.device))
+            metrics.update({f"data/{k}": v for k, v in zip(keys, totals.tolist())})
+        self.tracker.log_metrics(metrics, step=self.state.global_step)
+        self.last_eval = metrics
+        model.train(was_training)
+        return metrics
+
+    def state_dict(self) -> dict:
+        return asdict(self.state)

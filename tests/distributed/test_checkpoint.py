@@ -1,0 +1,151 @@
+"""Sharded checkpoints: resharding across world sizes, crash-safety, refusal of what cannot
+be carried. (Kill-and-resume of a real launcher run lives in tests/e2e/test_resume.py.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from multiproc import RankFailed, spawn
+from test_training import EXACT, GLOBAL_BATCH, InMemoryData, NullTracker
+
+from pce_dist.checkpoint import Checkpointer
+from pce_dist.config import load_config
+from pce_dist.distributed import DistEnv
+from pce_dist.engine import build_engine
+from pce_dist.export import export, load_exported
+from pce_dist.train import build_model_for
+from pce_dist.trainer import Trainer
+
+BASE = EXACT + ["model.num_experts=4", "train.phase2_epoch=100"]
+
+
+def _setup(world, run_dir, overrides):
+    cfg = load_config(None, BASE + [f"data.batch_size={GLOBAL_BATCH // world}", f"output_dir={run_dir}"] + overrides)
+    env = DistEnv.from_environ(cfg.dist).init()
+    model = build_model_for(cfg, env)
+    engine, _ = build_engine(model, cfg, env, total_steps=cfg.train.max_steps)
+    return cfg, env, model, engine, Checkpointer(cfg, env, Path(run_dir))
+
+
+def _train_and_save(rank, world, run_dir, overrides, steps):
+    cfg, env, model, engine, ckpt = _setup(world, run_dir, overrides + [f"train.max_steps={steps}"])
+    trainer = Trainer(cfg, env, model, engine, InMemoryData(env.rank, world, num_batches=8), NullTracker(), ckpt)
+    trainer.fit()
+    return str(ckpt.save(trainer, reason="test"))
+
+
+def _fixed_input():
+    g = torch.Generator().manual_seed(99)
+    return torch.randn(GLOBAL_BATCH, 1, 8, 8, generator=g)
+
+
+def _load_and_continue(rank, world, run_dir, overrides, total_steps):
+    cfg, env, model, engine, ckpt = _setup(world, run_dir, overrides + [f"train.max_steps={total_steps}"])
+    path = ckpt.find_resume()
+    state = ckpt.load(path, model, engine)
+    resumed_step = state.global_step
+    model.eval()
+    per = GLOBAL_BATCH // world
+    with torch.no_grad():
+        logits = model(_fixed_input()[env.rank * per:(env.rank + 1) * per]).logits_BK
+    experts = {k: v.clone() for k, v in model.state_dict().items() if ".experts." in k}
+    expert_params = [p for n, p in model.named_parameters() if ".experts." in n]
+    optimizer_has_state = all(p in engine.optimizer.state and engine.optimizer.state[p] for p in expert_params)
+    model.train()
+    trainer = Trainer(cfg, env, model, engine, InMemoryData(env.rank, world, num_batches=8), NullTracker(), ckpt,
+                      state=state)
+    trainer.fit()
+    return {"logits": logits, "experts": experts, "optimizer_state": optimizer_has_state,
+            "resumed_step": resumed_step, "final_step": trainer.state.global_step,
+            "hosted": sorted(model.pce_layers()[0].experts.keys())}
+
+
+@pytest.mark.parametrize("save_world,save_ep,load_world,load_ep", [(2, 2, 1, 1), (1, 1, 2, 2)])
+def test_reshard_across_world_sizes(tmp_path, save_world, save_ep, load_world, load_ep):
+    run_dir = tmp_path / "run"
+    saved = spawn(_train_and_save, save_world, args=(str(run_dir), [f"dist.ep_size={save_ep}"], 4), timeout_s=120)[0]
+    exported, _ = load_exported(export(saved, tmp_path / "model.pt"))
+    full = exported.state_dict()
+    with torch.no_grad():
+        expected = exported(_fixed_input()).logits_BK
+    results = spawn(_load_and_continue, load_world, args=(str(run_dir), [f"dist.ep_size={load_ep}"], 6),
+                    timeout_s=120)
+    logits = torch.cat([r["logits"] for r in results])
+    torch.testing.assert_close(logits, expected, rtol=1e-6, atol=1e-6)  # same model function
+    for r in results:
+        assert r["optimizer_state"], "optimizer state of the experts was not carried over"
+        assert r["resumed_step"] == 4 and r["final_step"] == 6  # training continues
+        for name, value in r["experts"].items():  # every hosted expert equals what was saved
+            assert torch.equal(value, full[name]), name
+    hosted = sorted({e for r in results for e in r["hosted"]})
+    assert hosted == ["0", "1", "2", "3"]
+
+
+def _crash_during_save(rank, world, run_dir, crash_at):
+    """Save once, then SIGKILL this process at ``crash_at`` inside the second save."""
+    import pce_dist.checkpoint as ck
+
+    cfg, env, model, engine, ckpt = _setup(world, run_dir, ["train.max_steps=2"])
+    trainer = Trainer(cfg, env, model, engine, InMemoryData(env.rank, world, num_batches=8), NullTracker(), ckpt)
+    trainer.fit()
+    first = ckpt.save(trainer)
+    trainer.state.global_step += 1  # a later step
+    real_save, real_replace, real_write = ck._atomic_save, os.replace, ck._atomic_write_text
+
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    if crash_at == "shard":
+        ck._atomic_save = lambda obj, path: die() if path.name.startswith("experts") else real_save(obj, path)
+    elif crash_at == "rename":
+        ck.os.replace = lambda a, b: die() if Path(a).name.startswith(".tmp-") else real_replace(a, b)
+    elif crash_at == "latest":
+        ck._atomic_write_text = lambda path, text: die() if path.name == "latest" else real_write(path, text)
+    ckpt.save(trainer)
+    return str(first)
+
+
+def _resume_state(rank, world, run_dir):
+    cfg, env, model, engine, ckpt = _setup(world, run_dir, ["train.max_steps=2"])
+    path = ckpt.find_resume()
+    state = ckpt.load(path, model, engine)
+    return path.name, state.global_step
+
+
+@pytest.mark.parametrize("crash_at", ["shard", "rename", "latest"])
+def test_kill_during_checkpoint_write_keeps_latest_whole(tmp_path, crash_at):
+    run_dir = tmp_path / "run"
+    with pytest.raises(RankFailed, match="signal 9"):
+        spawn(_crash_during_save, 1, args=(str(run_dir), crash_at), timeout_s=120)
+    root = run_dir / "checkpoints"
+    assert (root / "latest").read_text() == "step_00000002"
+    name, step = spawn(_resume_state, 1, args=(str(run_dir),), timeout_s=60)[0]
+    assert (name, step) == ("step_00000002", 2)
+    if crash_at != "latest":  # the half-written checkpoint never looks whole
+        assert not (root / "step_00000003").exists()
+        assert not (root / ".tmp-step_00000003" / "meta.json").exists() or crash_at == "rename"
+
+
+def test_incompatible_config_is_refused(tmp_path):
+    run_dir = tmp_path / "run"
+    spawn(_train_and_save, 1, args=(str(run_dir), [], 2), timeout_s=120)
+    with pytest.raises(RankFailed, match=r"model\.num_experts=4.*model\.num_experts=2"):
+        spawn(_load_and_continue, 1, args=(str(run_dir), ["model.num_experts=2"], 4), timeout_s=60)
+
+
+def test_partitioned_optimizer_state_refuses_other_layout(tmp_path):
+    run_dir = tmp_path / "run"
+    spawn(_train_and_save, 2, args=(str(run_dir), ["dist.ep_size=2", "dist.zero_stage=1"], 2), timeout_s=120)
+    meta = json.loads((run_dir / "checkpoints" / "step_00000002" / "meta.json").read_text())
+    assert meta["portable_optimizer"] is False
+    with pytest.raises(RankFailed, match="ZeRO stage 1, 2 ranks"):
+        spawn(_load_and_continue, 1, args=(str(run_dir), ["dist.zero_stage=1"], 4), timeout_s=60)
+    # the same layout resumes
+    results = spawn(_load_and_continue, 2, args=(str(run_dir), ["dist.ep_size=2", "dist.zero_stage=1"], 4),
+                    timeout_s=120)
+    assert all(r["final_step"] == 4 for r in results)

@@ -1,0 +1,153 @@
+"""DeepSpeed training with expert parallelism, against one process on the same global batch.
+
+Configs here use GroupNorm in the stem and experts and no dropout, so every operation is
+per-sample: two ranks holding half the batch each compute exactly what one process
+computes on the whole batch, up to the order of float32 sums (1e-5 relative, 1e-6 absolute).
+The optimizer is SGD: Adam divides each gradient element by its own RMS, so an element
+whose true gradient is zero (a cancelling sum) but whose float32 value is +-1e-9 noise
+gets a full +-lr step -- different noise, different weights -- which would say nothing
+about the distributed code (measured: gradients equal to 3e-8, AdamW weights 1e-3 apart). Gradient clipping is off because
+DeepSpeed's MoE clipping uses the mean of the per-rank norms, not the global norm.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from multiproc import spawn
+
+from pce_dist.config import load_config
+from pce_dist.distributed import DistEnv
+from pce_dist.engine import build_engine
+from pce_dist.model import pce_loss
+from pce_dist.train import build_model_for
+from pce_dist.trainer import Trainer
+
+EXACT = ["optim.name=sgd", "model.expert_norm=group", "model.stem_norm=group", "model.expert_dropout=0.0", "optim.grad_clip=0",
+         "model.image_size=8", "model.stem_channels=8", "model.channels=[8,8]", "model.patch_sizes=[4,2]",
+         "model.downsample=[false,false]", "model.num_classes=4", "optim.warmup_steps=0", "optim.lr=0.01",
+         "train.log_every_steps=1", "train.key_init=random",  # k-means sees samples in rank order
+         "model.collapse_weight=0"]  # the collapse count is per rank batch by definition: not comparable
+GLOBAL_BATCH = 8
+
+
+def _global_batches(num: int):
+    g = torch.Generator().manual_seed(7)
+    return [(torch.randn(GLOBAL_BATCH, 1, 8, 8, generator=g), torch.randint(0, 4, (GLOBAL_BATCH,), generator=g))
+            for _ in range(num)]
+
+
+class InMemoryData:
+    """Rank r of W sees rows [r*B/W, (r+1)*B/W) of every global batch."""
+
+    def __init__(self, rank: int, world: int, num_batches: int = 4):
+        self.rank, self.world, self.batches = rank, world, _global_batches(num_batches)
+
+    def _slice(self, t):
+        per = t.shape[0] // self.world
+        return t[self.rank * per:(self.rank + 1) * per]
+
+    def train_loader(self, epoch, start_step):
+        return [(self._slice(x), self._slice(y)) for x, y in self.batches[start_step:]]
+
+    def eval_loader(self, split):
+        return [(self._slice(x), self._slice(y), torch.ones(self._slice(y).shape[0], dtype=torch.bool))
+                for x, y in self.batches]
+
+    def steps_per_epoch(self):
+        return len(self.batches)
+
+
+class NullTracker:
+    run_id = "none"
+
+    def log_metrics(self, metrics, step):
+        pass
+
+
+def _train(rank, world, overrides, epochs):
+    cfg = load_config(None, EXACT + [f"data.batch_size={GLOBAL_BATCH // world}", f"train.epochs={epochs}"] + overrides)
+    env = DistEnv.from_environ(cfg.dist).init()
+    model = build_model_for(cfg, env)
+    engine, _ = build_engine(model, cfg, env, total_steps=epochs * 4)
+    trainer = Trainer(cfg, env, model, engine, InMemoryData(env.rank, env.world_size), NullTracker())
+    trainer.fit()
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return {"state": state, "losses": [h["train/loss"] for h in trainer.history],
+            "keys": [r.keys.detach().clone() for r in model.routers()], "eval": trainer.last_eval}
+
+
+def _single(overrides, epochs):
+    return spawn(_train, 1, args=(overrides, epochs), timeout_s=120)[0]
+
+
+@pytest.mark.parametrize("ep_size,extra", [(2, []), (1, []), (2, ["dist.zero_stage=1"]), (2, ["train.grad_accum=2"])])
+def test_two_ranks_match_one_process(ep_size, extra):
+    """Phase 1 then phase 2 (keys EMA-updated, then trained): weights, keys and losses agree."""
+    overrides = [f"dist.ep_size={ep_size}", "train.phase2_epoch=1"] + extra
+    ref = _single([o for o in overrides if not o.startswith("dist.ep_size")], epochs=2)
+    r0, r1 = spawn(_train, 2, args=(overrides, 2), timeout_s=180)
+    # bit-identical keys on every rank, and equal to the single-process EMA/training
+    for k0, k1, kr in zip(r0["keys"], r1["keys"], ref["keys"]):
+        assert torch.equal(k0, k1)
+        torch.testing.assert_close(k0, kr, rtol=1e-5, atol=1e-6)
+    assert len(r0["losses"]) == len(ref["losses"]) == (8 if "train.grad_accum=2" not in extra else 4)
+    for a, b in zip(r0["losses"], ref["losses"]):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+    for rank, r in enumerate((r0, r1)):
+        for name, value in r["state"].items():
+            torch.testing.assert_close(value, ref["state"][name], rtol=1e-5, atol=1e-6, msg=f"rank {rank}: {name}")
+    assert r0["eval"]["eval/accuracy"] == pytest.approx(ref["eval"]["eval/accuracy"])
+
+
+def _grads(rank, world, ep_size):
+    cfg = load_config(None, EXACT + [f"data.batch_size={GLOBAL_BATCH // world}", f"dist.ep_size={ep_size}",
+                                     "model.num_experts=4"])
+    env = DistEnv.from_environ(cfg.dist).init()
+    model = build_model_for(cfg, env)
+    engine, _ = build_engine(model, cfg, env, total_steps=1)
+    model.set_keys_trainable(True)
+    x, y = _global_batches(1)[0]
+    per = GLOBAL_BATCH // world
+    x, y = x[env.rank * per:(env.rank + 1) * per], y[env.rank * per:(env.rank + 1) * per]
+    out = engine(x)
+    loss = pce_loss(out, y, cfg.model).total
+    engine.backward(loss)  # DeepSpeed reduces gradients here (stage 0, boundary step)
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_expert_and_shared_gradient_reduction_four_ranks():
+    """4 ranks, ep_size 2: experts 0-1 on ranks 0 and 2, experts 2-3 on ranks 1 and 3."""
+    ref = spawn(_grads, 1, args=(1,), timeout_s=120)[0]
+    grads = spawn(_grads, 4, args=(2,), timeout_s=180)
+    for rank, g in enumerate(grads):
+        hosted = {"0", "1"} if rank % 2 == 0 else {"2", "3"}
+        for name, value in g.items():
+            if ".experts." in name:
+                assert name.split(".experts.")[1].split(".")[0] in hosted, name
+            torch.testing.assert_close(value, ref[name], rtol=1e-5, atol=1e-7, msg=f"rank {rank}: {name}")
+    # replicas of the same expert agree exactly; shared parameters agree on all ranks
+    for name in grads[0]:
+        assert torch.equal(grads[0][name], grads[2][name]), name
+        if ".experts." not in name:
+            assert torch.equal(grads[0][name], grads[1][name]), name
+    # different experts really got different gradients
+    e0 = grads[0]["layers.0.experts.0.conv1.weight"]
+    e1 = grads[0]["layers.0.experts.1.conv1.weight"]
+    assert not torch.allclose(e0, e1)
+
+
+def _zero3(rank, world):
+    cfg = load_config(None, EXACT + ["dist.zero_stage=2"])
+    cfg.dist.zero_stage = 3  # bypass config validation: the engine builder must refuse too
+    env = DistEnv.from_environ(cfg.dist).init()
+    with pytest.raises(ValueError, match="ZeRO-3"):
+        build_engine(build_model_for(cfg, env), cfg, env, total_steps=1)
+    return True
+
+
+def test_zero3_is_refused():
+    assert spawn(_zero3, 1, timeout_s=60) == [True]
+    with pytest.raises(ValueError, match="dist.zero_stage"):
+        load_config(None, ["dist.zero_stage=3"])

@@ -1,0 +1,234 @@
+"""Tracker against a real ``mlflow server`` process: what lands in MLflow, and outages.
+
+One server per module (starting one costs ~5 s); the outage test stops it and starts it
+again on the same port and database, so later tests still find it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pce_dist.config import RunConfig, apply_overrides, flatten, to_dict
+from pce_dist.distributed import DistEnv, free_port
+from pce_dist.tracking import FALLBACK_FILE, Tracker, resolve_tracking_uri
+
+_LAUNCH_VARS = ["RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID"]
+
+
+class MlflowServer:
+    """``mlflow server`` on 127.0.0.1 with a sqlite store, in its own process group."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, ready_timeout_s: float = 60.0) -> None:
+        env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true",  # no phoning home from CI
+                   MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")  # no background job workers to reap
+        log = (self.root / "server.log").open("a")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
+             "--artifacts-destination", str(self.root / "artifacts")],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + ready_timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited: {(self.root / 'server.log').read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError("mlflow server did not answer /health in time")
+
+    def stop(self) -> None:
+        """SIGTERM the whole process group (server + uvicorn worker), SIGKILL if it lingers."""
+        if self.proc is None:
+            return
+        for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.proc.wait(wait_s)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        try:
+            os.killpg(self.proc.pid, 0)
+        except ProcessLookupError:  # nothing of the group is left behind
+            self.proc = None
+            return
+        raise AssertionError(f"processes of mlflow server group {self.proc.pid} survived SIGKILL")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = MlflowServer(tmp_path_factory.mktemp("mlflow_server"))
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch, tmp_path):
+    """Single process, no ambient MLflow settings, cwd outside any git repository."""
+    for name in _LAUNCH_VARS + ["MLFLOW_TRACKING_URI", "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+                                "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"]:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    monkeypatch.chdir(tmp_path)
+    saved = dict(os.environ)  # DistEnv.init() exports RANK/MASTER_PORT/... for DeepSpeed
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def _cfg(uri: str, experiment: str, *overrides: str) -> RunConfig:
+    return apply_overrides(RunConfig(), [f"tracking.tracking_uri={uri}", f"tracking.experiment={experiment}",
+                                         "tracking.run_name=unit", *overrides])
+
+
+def _client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _runs(uri: str, experiment: str) -> list:
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id]) if exp else []
+
+
+def test_default_uri_is_sqlite_in_run_dir_and_env_wins(tmp_path, monkeypatch):
+    cfg = RunConfig()
+    assert resolve_tracking_uri(cfg, "runs/x") == f"sqlite:///{tmp_path / 'runs' / 'x' / 'mlflow.db'}"
+    cfg.tracking.tracking_uri = "http://cfg:5000"
+    assert resolve_tracking_uri(cfg, "runs/x") == "http://cfg:5000"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env:5000")
+    assert resolve_tracking_uri(cfg, "runs/x") == "http://env:5000"
+
+
+def test_run_params_tags_metrics_and_config_artifact(server, tmp_path):
+    cfg = _cfg(server.url, "full", "model.channels=[16,32]", "train.max_steps=5")
+    env = DistEnv().init()
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello")
+    with Tracker.start(cfg, env, tmp_path / "run") as tracker:
+        for step in range(5):
+            tracker.log_metrics({"train/loss": 1.0 / (step + 1), "router/usage/layer0/expert3": step}, step=step)
+        tracker.log_artifact(notes)
+
+    (run,) = _runs(server.url, "full")
+    assert run.info.run_id == tracker.run_id and run.info.status == "FINISHED"
+    assert run.info.run_name == "unit"
+    assert run.data.params == {k: str(v) for k, v in flatten(cfg).items()}
+    assert run.data.params["model.channels"] == "[16, 32]"
+    tags = run.data.tags
+    assert (tags["world_size"], tags["ep_size"], tags["restart_count"]) == ("1", "1", "0")
+    assert tags["hostnames"] == socket.gethostname() and tags["slurm_job_id"] == "4242"
+    assert tags["git_commit"] == "unknown"  # cwd is not a repository
+    client = _client(server.url)
+    history = client.get_metric_history(tracker.run_id, "train/loss")
+    assert [(m.step, m.value) for m in history] == [(s, 1.0 / (s + 1)) for s in range(5)]
+    assert {a.path for a in client.list_artifacts(tracker.run_id)} == {"config.yaml", "notes.txt"}
+    local = client.download_artifacts(tracker.run_id, "config.yaml", str(tmp_path))
+    assert yaml.safe_load(Path(local).read_text()) == to_dict(cfg)
+
+
+def test_resume_reuses_the_run_and_counts_restarts(server, tmp_path):
+    cfg = _cfg(server.url, "resume")
+    env = DistEnv().init()
+    first = Tracker.start(cfg, env, tmp_path / "run")
+    first.log_metrics({"train/loss": 2.0}, step=0)
+    first.finish("KILLED")  # e.g. preempted
+    second = Tracker.start(cfg, env, tmp_path / "run", resume_run_id=first.run_id)
+    assert second.run_id == first.run_id
+    assert _client(server.url).get_run(first.run_id).info.status == "RUNNING"
+    second.log_metrics({"train/loss": 1.0}, step=1)
+    second.finish()
+    (run,) = _runs(server.url, "resume")
+    assert run.data.tags["restart_count"] == "1" and run.info.status == "FINISHED"
+    assert [m.step for m in _client(server.url).get_metric_history(run.info.run_id, "train/loss")] == [0, 1]
+
+
+def test_environment_uri_overrides_config(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    cfg = _cfg(f"http://127.0.0.1:{free_port()}", "env-wins")  # nothing listens there
+    tracker = Tracker.start(cfg, DistEnv().init(), tmp_path / "run")
+    tracker.finish()
+    assert len(_runs(server.url, "env-wins")) == 1
+
+
+def test_server_down_at_start_fails_fast_naming_the_uri(tmp_path):
+    uri = f"http://127.0.0.1:{free_port()}"
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=uri.replace(".", r"\.")):
+        Tracker.start(_cfg(uri, "down"), DistEnv().init(), tmp_path / "run")
+    assert time.monotonic() - start < 30
+
+
+def test_server_lost_mid_run_falls_back_and_replays(server, tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="pce_dist.tracking")
+    run_dir = tmp_path / "run"
+    tracker = Tracker.start(_cfg(server.url, "outage"), DistEnv().init(), run_dir, retry_interval_s=3.0)
+    tracker.log_metrics({"train/loss": 0.0}, step=0)
+
+    server.stop()
+    start = time.monotonic()
+    for step in (1, 2, 3):  # must neither raise nor block the training loop for long
+        tracker.log_metrics({"train/loss": float(step)}, step=step)
+    (run_dir / "plot.txt").write_text("made during the outage")
+    tracker.log_artifact(run_dir / "plot.txt")
+    assert time.monotonic() - start < 20
+    lost = [r for r in caplog.records if "stopped answering" in r.getMessage()]
+    assert len(lost) == 1, "the outage is reported once, not once per step"
+    records = [json.loads(line) for line in (run_dir / FALLBACK_FILE).read_text().splitlines()]
+    assert [(r["step"], r["metrics"]) for r in records] == [(s, {"train/loss": float(s)}) for s in (1, 2, 3)]
+
+    server.start()  # same port, same database
+    time.sleep(max(0.0, 3.0 - (time.monotonic() - start)))
+    tracker.log_metrics({"train/loss": 4.0}, step=4)
+    tracker.finish()
+    assert any("is back" in r.getMessage() for r in caplog.records)
+    assert json.loads((run_dir / FALLBACK_FILE).read_text().splitlines()[-1]) == {"replayed": 3}
+    client = _client(server.url)
+    history = client.get_metric_history(tracker.run_id, "train/loss")
+    assert [(m.step, m.value) for m in history] == [(s, float(s)) for s in range(5)]
+    assert "plot.txt" in {a.path for a in client.list_artifacts(tracker.run_id)}
+    assert client.get_run(tracker.run_id).info.status == "FINISHED"
+
+
+def test_bad_values_are_dropped_without_raising_or_going_offline(server, tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="pce_dist.tracking")
+    tracker = Tracker.start(_cfg(server.url, "bad-values"), DistEnv().init(), tmp_path / "run")
+    tracker.log_metrics({"train/loss": "not a number"}, step=0)  # type error: skipped locally
+    tracker.log_metrics({"x" * 300: 1.0}, step=1)  # MLflow rejects the key: dropped, store still up
+    tracker.log_metrics({"train/loss": 0.5}, step=2)
+    tracker.finish()
+    tracker.finish()  # idempotent
+    assert not any("stopped answering" in r.getMessage() for r in caplog.records)
+    assert not (tmp_path / "run" / FALLBACK_FILE).exists()
+    history = _client(server.url).get_metric_history(tracker.run_id, "train/loss")
+    assert [(m.step, m.value) for m in history] == [(2, 0.5)]
