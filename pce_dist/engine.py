@@ -92,6 +92,20 @@ def lr_lambda(cfg: RunConfig, total_steps: int):
     return fn
 
 
+def sync_master_weights(params) -> None:
+    """Write parameters changed outside the optimizer into DeepSpeed's fp32 master copies.
+
+    ZeRO-1/2 and DeepSpeed's bf16 optimizer keep fp32 master weights and copy them over the
+    model's parameters after every step, so a direct write (EMA keys, k-means key init, key
+    re-normalisation) would be undone at the next step. Without master copies (ZeRO-0 in
+    fp32) this is a no-op.
+    """
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    for param in params:
+        safe_set_full_fp32_param(param, param.detach().float())
+
+
 def build_engine(model: torch.nn.Module, cfg: RunConfig, env: DistEnv, total_steps: int):
     """DeepSpeed engine over an already expert-parallelised model; returns (engine, scheduler)."""
     import deepspeed

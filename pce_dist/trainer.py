@@ -32,6 +32,7 @@ from . import evaluation
 from .config import RunConfig
 from .distributed.env import DistEnv
 from .distributed.expert_parallel import traffic_stats
+from .engine import resolve_precision, sync_master_weights
 from .keyinit import init_keys
 from .model.losses import pce_loss
 from .model.net import PCENet
@@ -65,8 +66,7 @@ class Trainer:
         self.state = state or TrainState()
         self.should_stop = should_stop or (lambda: False)
         self.device = env.device
-        self.dtype = torch.bfloat16 if cfg.dist.precision == "bf16" or (
-            cfg.dist.precision == "auto" and env.device.type == "cuda") else torch.float32
+        self.dtype = torch.bfloat16 if resolve_precision(cfg, env) == "bf16" else torch.float32
         micro_per_epoch = data.steps_per_epoch() // cfg.train.grad_accum * cfg.train.grad_accum
         if micro_per_epoch < 1:
             raise ValueError(f"an epoch has {data.steps_per_epoch()} batches per rank, fewer than "
@@ -108,25 +108,28 @@ class Trainer:
                 break
         world = self.env.world_size
 
-        def gather(emb: torch.Tensor):
+        def gather(emb: torch.Tensor):  # collectives run on the comm device (CUDA for nccl)
             if world == 1:
                 return emb
+            emb = emb.to(self.device).contiguous()
             parts = [torch.empty_like(emb) for _ in range(world)]
-            dist.all_gather(parts, emb.contiguous())  # same sizes on every rank: same batches
-            return torch.cat(parts) if self.env.is_main else None
+            dist.all_gather(parts, emb)  # same sizes on every rank: same batches
+            return torch.cat(parts).cpu() if self.env.is_main else None
 
         def broadcast(keys: torch.Tensor | None) -> torch.Tensor:
             if world == 1:
                 return keys
             router = self.model.routers()[0]
-            buf = keys if keys is not None else torch.empty(router.num_experts, router.embed_dim)
+            buf = keys.to(self.device) if keys is not None else torch.empty(
+                router.num_experts, router.embed_dim, device=self.device)
             dist.broadcast(buf, src=0)
-            return buf
+            return buf.cpu()
 
         start = time.perf_counter()
         records = init_keys(self.model, batches, max_samples=t.key_init_samples // world, niter=t.kmeans_iters,
                             seed=t.seed, method=t.key_init, gather=gather, broadcast=broadcast)
         seconds = time.perf_counter() - start
+        self._sync_keys()
         self.state.keys_initialised = True
         metrics = {"keyinit/seconds_total": seconds}
         for r in records:
@@ -204,6 +207,9 @@ class Trainer:
                 if ema_acc is not None:
                     self._apply_ema(ema_acc)
                     ema_acc = None
+                if phase2:
+                    model.normalize_keys()  # trained keys are projected back onto the unit sphere
+                self._sync_keys()
                 self.state.global_step += 1
                 if self.state.global_step % cfg.train.log_every_steps == 0:
                     self._log_train(acc, bar)
@@ -222,6 +228,10 @@ class Trainer:
         if bar is not None:
             bar.close()
         return False
+
+    def _sync_keys(self) -> None:
+        if self.model.routers():
+            sync_master_weights([router.keys for router in self.model.routers()])
 
     def _checkpoint_due(self) -> bool:
         every = self.cfg.checkpoint.every_steps

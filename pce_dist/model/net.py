@@ -80,6 +80,11 @@ class PCENet(nn.Module):
         for router in self.routers():
             router.set_keys_trainable(trainable)
 
+    def normalize_keys(self) -> None:
+        """Re-project trained (phase-2) keys to unit norm after an optimizer step."""
+        for router in self.routers():
+            router.set_keys(router.keys.detach())
+
     def update_keys_ema(self, stats: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """``stats[l] = (sum_wemb_ED, sum_w_E)`` of layer l, already reduced across ranks."""
         for router, (sum_wemb_ED, sum_w_E) in zip(self.routers(), stats, strict=True):
