@@ -30,8 +30,9 @@ def evaluate_file(path: str, *, data_root: str | None = None, split: str | None 
                                    batch_size=batch_size or cfg.data.batch_size)
     split = split or cfg.data.eval_split
     loader = build_eval_loader(data_cfg, split, rank=0, world_size=1)
-    sums, layer_sums = evaluation.accumulate(model, loader, device=torch.device("cpu"), dtype=torch.float32,
-                                             num_layers=len(model.routers()), num_experts=cfg.model.num_experts)
+    sums, layer_sums, _ = evaluation.accumulate(model, loader, device=torch.device("cpu"), dtype=torch.float32,
+                                                num_layers=len(model.routers()), num_experts=cfg.model.num_experts,
+                                                num_classes=cfg.model.num_classes)
     return evaluation.metrics(sums, layer_sums, prefix="eval" if split == cfg.data.eval_split else split,
                               collapse_usage=cfg.model.collapse_usage)
 

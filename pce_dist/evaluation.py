@@ -18,17 +18,21 @@ from .model.net import PCEOutput
 
 @torch.no_grad()
 def accumulate(forward: Callable[[torch.Tensor], PCEOutput], loader: Iterable, *, device: torch.device,
-               dtype: torch.dtype, num_layers: int, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns ``sums = [loss, correct, count]`` and ``layer_sums[l] = [entropy, threshold, items, usage_E...]``."""
+               dtype: torch.dtype, num_layers: int, num_experts: int,
+               num_classes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``sums = [loss, correct, count]``, ``layer_sums[l] = [entropy, threshold, items,
+    usage_E...]`` and the confusion counts ``cm_KK[true, predicted]``."""
     sums = torch.zeros(3, device=device)
     layer_sums = torch.zeros(num_layers, 3 + num_experts, device=device)
+    cm_KK = torch.zeros(num_classes * num_classes, device=device)
     for x, y, valid in loader:
         x, y = x.to(device, dtype), y.to(device)
         valid = valid.to(device).float()
         out = forward(x)
         loss_B = F.cross_entropy(out.logits_BK.float(), y, reduction="none")
-        sums += torch.stack([(loss_B * valid).sum(), ((out.logits_BK.argmax(1) == y).float() * valid).sum(),
-                             valid.sum()])
+        pred_B = out.logits_BK.argmax(1)
+        sums += torch.stack([(loss_B * valid).sum(), ((pred_B == y).float() * valid).sum(), valid.sum()])
+        cm_KK.index_add_(0, y * num_classes + pred_B, valid)
         for layer, r in enumerate(out.routes):
             valid_N = valid.repeat_interleave(r.probs_NE.shape[0] // valid.shape[0])
             probs = r.probs_NE.float()
@@ -37,7 +41,7 @@ def accumulate(forward: Callable[[torch.Tensor], PCEOutput], loader: Iterable, *
             layer_sums[layer, 1] += (r.threshold_N.float() * valid_N).sum()
             layer_sums[layer, 2] += valid_N.sum()
             layer_sums[layer, 3:] += (r.selected_NE.float() * valid_N[:, None]).sum(0)
-    return sums, layer_sums
+    return sums, layer_sums, cm_KK.view(num_classes, num_classes)
 
 
 def metrics(sums: torch.Tensor, layer_sums: torch.Tensor, *, prefix: str, collapse_usage: float) -> dict[str, float]:

@@ -74,6 +74,7 @@ class ShardData:
         self.manifest = read_manifest(cfg.data.root)
         self.manifest.check_model(in_channels=cfg.model.in_channels, image_size=cfg.model.image_size,
                                   num_classes=cfg.model.num_classes)
+        self.class_names = list(self.manifest.class_names)
         self._last = None
 
     def train_loader(self, epoch: int, start_step: int):

@@ -23,6 +23,7 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import torch
@@ -58,6 +59,8 @@ class TrainState:
 
 
 class Trainer:
+    PLOT_IMAGES = 8  # test images drawn in the routing maps
+
     def __init__(self, cfg: RunConfig, env: DistEnv, model: PCENet, engine: Any, data: DataSource,
                  tracker: Any, checkpointer: Any = None, state: TrainState | None = None,
                  should_stop: Callable[[], bool] | None = None) -> None:
@@ -81,6 +84,7 @@ class Trainer:
             self.total_steps = cfg.train.epochs * self.steps_per_epoch
         self.history: list[dict] = []  # rank-0 view of every logged train metric row
         self.last_eval: dict[str, float] = {}
+        self._fixed = None  # images the routing maps show (see _plot_batch)
 
     # ------------------------------------------------------------------ helpers
 
@@ -290,25 +294,68 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, split: str) -> dict[str, float]:
-        """Whole split, each sample once across ranks; one all-reduce of the sums."""
+        """Whole split, each sample once across ranks; one all-reduce of the sums; plots."""
         model, cfg = self.model, self.cfg
         was_training = model.training
         self.engine.eval()
-        sums, layer_sums = evaluation.accumulate(self.engine, self.data.eval_loader(split), device=self.device,
-                                                 dtype=self.dtype, num_layers=len(model.routers()),
-                                                 num_experts=cfg.model.num_experts)
+        sums, layer_sums, cm_KK = evaluation.accumulate(
+            self.engine, self.data.eval_loader(split), device=self.device, dtype=self.dtype,
+            num_layers=len(model.routers()), num_experts=cfg.model.num_experts, num_classes=cfg.model.num_classes)
         prefix = "eval" if split == cfg.data.eval_split else split
         metrics = evaluation.metrics(self._all_reduce(sums), self._all_reduce(layer_sums), prefix=prefix,
                                      collapse_usage=cfg.model.collapse_usage)
+        cm_KK = self._all_reduce(cm_KK)
         data_stats = getattr(self.data, "stats", lambda: {})()
         if data_stats:
             keys = sorted(data_stats)
             totals = self._all_reduce(torch.tensor([float(data_stats[k]) for k in keys], device=self.device))
             metrics.update({f"data/{k}": v for k, v in zip(keys, totals.tolist())})
         self.tracker.log_metrics(metrics, step=self.state.global_step)
+        self._plots(split, cm_KK)
         self.last_eval = metrics
         model.train(was_training)
         return metrics
+
+    def _plot_batch(self, split: str):
+        """Rank-local fixed images (the first eval batch), the same at every evaluation."""
+        if self._fixed is None:
+            x, y, _ = next(iter(self.data.eval_loader(split)))
+            n = min(self.PLOT_IMAGES, x.shape[0])
+            self._fixed = self._to_device(x[:n], y[:n])
+        return self._fixed
+
+    def _plots(self, split: str, cm_KK: torch.Tensor) -> None:
+        """Routing maps, usage over time, thresholds, confusion matrix -> MLflow artifacts.
+
+        Every rank runs the forward on its fixed images (it contains all-to-all collectives);
+        only rank 0 draws. A plotting failure is logged, never raised into training.
+        """
+        run_dir = getattr(self.tracker, "run_dir", None)
+        if run_dir is None:
+            return
+        x, y = self._plot_batch(split)
+        out = self.engine(x)
+        if not self.env.is_main:
+            return
+        from . import plots
+
+        step_dir = Path(run_dir) / "plots" / f"step{self.state.global_step:07d}"
+        try:
+            step_dir.mkdir(parents=True, exist_ok=True)
+            class_names = getattr(self.data, "class_names", None)
+            plots.confusion_matrix(cm_KK.cpu(), step_dir / "confusion_matrix.png", class_names=class_names)
+            if out.routes:
+                layers = self.model.pce_layers()
+                plots.routing_maps(x.float().cpu(), [(r.weights_NE.float().cpu(), layer.extractor.grid_h,
+                                                      layer.extractor.grid_w) for r, layer in zip(out.routes, layers)],
+                                   step_dir / "routing_maps.png", class_names=class_names, labels=y.tolist(),
+                                   predictions=out.logits_BK.argmax(1).tolist())
+                plots.threshold_histogram([r.threshold_N.float().cpu() for r in out.routes],
+                                          step_dir / "thresholds.png")
+                plots.expert_usage_over_time(self.history, step_dir / "expert_usage.png")
+            self.tracker.log_artifact(step_dir, artifact_path=f"plots/{step_dir.name}")
+        except Exception as exc:  # noqa: BLE001 -- pictures must never stop a run
+            log.warning("plotting at step %d failed: %s", self.state.global_step, exc)
 
     def state_dict(self) -> dict:
         return asdict(self.state)

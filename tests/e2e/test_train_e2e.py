@@ -62,6 +62,10 @@ def test_main_job_trains_logs_and_exports(tmp_path, digits_root):
     assert run.data.metrics["eval/accuracy"] == pytest.approx(accuracy, abs=1e-4)
     assert "router/usage/layer0/expert3" in run.data.metrics
     assert run.data.metrics["comm/dispatch_bytes_per_step"] <= 1.1 * run.data.metrics["comm/routed_bytes_per_step"]
+    evaluations = [a.path for a in client.list_artifacts(run.info.run_id, "plots")]
+    assert len(evaluations) == 3  # one folder of pictures per evaluation
+    last = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, evaluations[-1])}
+    assert last == {"routing_maps.png", "expert_usage.png", "thresholds.png", "confusion_matrix.png"}
 
     # export -> a fresh process with no DeepSpeed -> the same accuracy as the distributed evaluation
     model = tmp_path / "model.pt"
