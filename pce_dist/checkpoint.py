@@ -105,6 +105,31 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def resolve(path: str | Path) -> Path:
+    """A checkpoint directory from itself, a run's ``checkpoints`` directory or its ``latest`` file."""
+    path = Path(path)
+    if path.is_file() and path.name == "latest":
+        path = path.parent / path.read_text().strip()
+    elif (path / "latest").is_file():
+        path = path / (path / "latest").read_text().strip()
+    if not (path / "meta.json").is_file():
+        raise ValueError(f"{path} is not a complete checkpoint (no meta.json)")
+    return path
+
+
+def read_meta(path: Path) -> dict:
+    return json.loads((path / "meta.json").read_text())
+
+
+def full_model_state(path: Path) -> tuple[dict, dict]:
+    """Every tensor of the model (shared + every expert, by global id) and the saved config."""
+    meta = read_meta(path)
+    state = dict(torch.load(path / "shared.pt", map_location="cpu", weights_only=False)["model"])
+    for fname in sorted(set(meta["expert_files"].values())):
+        state.update(torch.load(path / fname, map_location="cpu", weights_only=False)["model"])
+    return state, meta["config"]
+
+
 class Checkpointer:
     """Saves and restores sharded checkpoints of one run; also carries the stop request
     (set by a signal handler, agreed on by all ranks in the training loop)."""
@@ -138,20 +163,13 @@ class Checkpointer:
     def find_resume(self) -> Path | None:
         """``checkpoint.resume`` if set, else ``<output_dir>/checkpoints/latest`` when present."""
         if self.cfg.checkpoint.resume:
-            path = Path(self.cfg.checkpoint.resume)
-            if path.is_file() and path.name == "latest":
-                path = path.parent / path.read_text().strip()
-            if not (path / "meta.json").is_file():
-                raise ValueError(f"config key 'checkpoint.resume' = {self.cfg.checkpoint.resume!r}: "
-                                 "not a complete checkpoint (no meta.json)")
-            return path
-        latest = self.root / "latest"
-        if not latest.is_file():
+            try:
+                return resolve(self.cfg.checkpoint.resume)
+            except ValueError as exc:
+                raise ValueError(f"config key 'checkpoint.resume' = {self.cfg.checkpoint.resume!r}: {exc}") from None
+        if not (self.root / "latest").is_file():
             return None
-        path = self.root / latest.read_text().strip()
-        if not (path / "meta.json").is_file():
-            raise RuntimeError(f"{latest} names {path}, which is not a complete checkpoint")
-        return path
+        return resolve(self.root / "latest")
 
     # ------------------------------------------------------------------ save
 
@@ -261,7 +279,7 @@ class Checkpointer:
         from .trainer import TrainState
 
         env = self.env
-        meta = json.loads((path / "meta.json").read_text())
+        meta = read_meta(path)
         self.check_compatible(meta, path)
         same_layout = meta["world_size"] == env.world_size and meta["ep_size"] == env.ep_size
         portable_now = self._portable_optimizer()

@@ -11,40 +11,19 @@ load it with ``pce_dist.export.load_exported(path)`` -- one process, no DeepSpee
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 
 import torch
 
+from .checkpoint import full_model_state, resolve
 from .config import config_from_dict
 from .model import PCENet, build_model
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    path = Path(path)
-    if path.is_file() and path.name == "latest":
-        path = path.parent / path.read_text().strip()
-    elif (path / "latest").is_file():
-        path = path / (path / "latest").read_text().strip()
-    if not (path / "meta.json").is_file():
-        raise ValueError(f"{path} is not a complete checkpoint (no meta.json)")
-    return path
-
-
-def gather_state(ckpt: Path) -> tuple[dict, dict]:
-    """Full model state (shared + every expert file) and the saved config dict."""
-    meta = json.loads((ckpt / "meta.json").read_text())
-    state = dict(torch.load(ckpt / "shared.pt", map_location="cpu", weights_only=False)["model"])
-    for fname in sorted(set(meta["expert_files"].values())):
-        state.update(torch.load(ckpt / fname, map_location="cpu", weights_only=False)["model"])
-    return state, meta["config"]
-
-
 def export(ckpt: str | Path, out: str | Path) -> Path:
-    ckpt = resolve_checkpoint(ckpt)
-    state, config = gather_state(ckpt)
+    state, config = full_model_state(resolve(ckpt))
     model = build_model(config_from_dict(config).model)
     model.load_state_dict(state)  # strict: proves the file is complete before writing it
     out = Path(out)

@@ -51,16 +51,6 @@ def _load_launcher():
     return sys.modules["pce_launch_slurm"]
 
 
-@pytest.fixture(scope="module")
-def digits_root(tmp_path_factory):
-    sys.path.insert(0, str(REPO))
-    from data_prep import prepare
-
-    root = tmp_path_factory.mktemp("digits")
-    prepare("digits", root, shard_size=128, progress=False)
-    return root
-
-
 def launch(cluster, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     env = dict(cluster.client_env(), MLFLOW_DISABLE_TELEMETRY="true", PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, str(LAUNCHER), *args], cwd=REPO, env=env, capture_output=True,

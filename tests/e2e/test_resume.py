@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train_e2e import digits_root, launch, mlflow_run  # noqa: F401  (fixture)
+from test_train_e2e import launch, mlflow_run
 
 OVERRIDES = ["dist.ep_size=2", "train.max_steps=30", "checkpoint.every_steps=8", "train.log_every_steps=1",
              "checkpoint.keep_last=10"]
@@ -45,7 +45,7 @@ def _loss_by_step(run_dir: Path) -> dict[int, float]:
 
 
 @pytest.mark.slow
-def test_sigkill_then_relaunch_is_bit_identical(tmp_path, digits_root):  # noqa: F811
+def test_sigkill_then_relaunch_is_bit_identical(tmp_path, digits_root):
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
     _run(reference, digits_root)
 

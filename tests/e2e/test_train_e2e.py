@@ -16,16 +16,6 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def digits_root(tmp_path_factory):
-    sys.path.insert(0, str(REPO))
-    from data_prep import prepare
-
-    root = tmp_path_factory.mktemp("digits")
-    prepare("digits", root, shard_size=128, progress=False)
-    return root
-
-
 def launch(args: list[str], **kwargs) -> subprocess.Popen:
     env = dict(os.environ, PYTHONUNBUFFERED="1", MLFLOW_DISABLE_TELEMETRY="true")
     return subprocess.Popen([sys.executable, str(REPO / "launch" / "local.py"), *args], cwd=REPO, env=env,
