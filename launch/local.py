@@ -179,9 +179,12 @@ def _die_with_parent() -> None:
 
 
 def _pump(src: IO[bytes], *sinks: IO[bytes]) -> None:
-    for line in iter(src.readline, b""):
+    # Chunks, not lines: a progress bar redraws itself with "\r" and no newline, so a
+    # line-by-line relay would show nothing until the end of each epoch.
+    fd = src.fileno()
+    for chunk in iter(lambda: os.read(fd, 65536), b""):
         for sink in sinks:
-            sink.write(line)
+            sink.write(chunk)
             sink.flush()
     src.close()
 
