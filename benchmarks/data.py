@@ -40,7 +40,7 @@ from pce_dist.data import build_train_loader, read_manifest  # noqa: E402
 def train_step_img_per_s(cfg: DataConfig, steps: int = 5) -> float:
     """Images/s one rank's training step consumes at ``cfg.batch_size``.
 
-    The model of ``configs/fashion_mnist.yaml``, forward + loss + backward + AdamW step on
+    The model of ``configs/fashion_mnist.yaml`` (``digits.yaml`` for digits shards), forward + loss + backward + AdamW step on
     batches of the manifest's shape, one process (no collectives: the most a single rank
     can consume), median over ``steps`` timed steps after one warm-up step.
     """
@@ -50,7 +50,8 @@ def train_step_img_per_s(cfg: DataConfig, steps: int = 5) -> float:
     from pce_dist.model import build_model, pce_loss
 
     manifest = read_manifest(cfg.root)
-    run_cfg = load_config(REPO / "configs" / "fashion_mnist.yaml")
+    config = {"digits": "digits.yaml"}.get(manifest.source, "fashion_mnist.yaml")  # a model for this image size
+    run_cfg = load_config(REPO / "configs" / config)
     model = build_model(run_cfg.model).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     h, w = manifest.image_size

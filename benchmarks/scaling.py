@@ -32,7 +32,7 @@ def run(nproc: int, steps: int, global_batch: int, data_root: Path, out: Path) -
     args = [sys.executable, str(REPO / "launch" / "local.py"), "--nproc", str(nproc), "--config",
             "configs/digits.yaml", "--output-dir", str(out), f"data.root={data_root}",
             f"data.batch_size={global_batch // nproc}", f"dist.ep_size={nproc}", f"train.max_steps={steps}",
-            "train.log_every_steps=10", "checkpoint.every_steps=0", "data.num_workers=1"]
+            f"train.log_every_steps={max(1, steps // 6)}", "checkpoint.every_steps=0", "data.num_workers=1"]
     start = time.perf_counter()
     subprocess.run(args, cwd=REPO, check=True, capture_output=True, text=True,
                    env=dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true"))
@@ -42,8 +42,9 @@ def run(nproc: int, steps: int, global_batch: int, data_root: Path, out: Path) -
     client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     (r,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
 
-    def history(key):  # skip the first interval (warm-up, key init)
-        return [m.value for m in sorted(client.get_metric_history(r.info.run_id, key), key=lambda m: m.step)][1:]
+    def history(key):  # skip the first interval (warm-up, key init) when there are others
+        values = [m.value for m in sorted(client.get_metric_history(r.info.run_id, key), key=lambda m: m.step)]
+        return values[1:] if len(values) > 1 else values
 
     out_metrics = {"nproc": nproc, "wall_s": wall, "img_per_s": statistics.median(history("perf/img_per_s")),
                    "step_time_s": statistics.median(history("perf/step_time_s")),

@@ -1,4 +1,4 @@
-"""The benchmark scripts run at a small size, so they cannot rot between full measurements."""
+"""The benchmark suite runs at a small size, so its scripts cannot rot between full measurements."""
 
 from __future__ import annotations
 
@@ -7,15 +7,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_dispatch_benchmark_small():
-    out = subprocess.run([sys.executable, "benchmarks/dispatch.py", "--small", "--json", "--experts", "2", "4"],
-                         cwd=REPO, check=True, capture_output=True, text=True).stdout
-    result = json.loads(out)
-    assert [r["num_experts"] for r in result["results"]] == [2, 4]
-    for r in result["results"]:
-        assert r["experts_per_patch"] >= 1.0
-        assert r["sparse_over_dense"]["median"] > 0 and r["reference_over_sparse"]["median"] > 0
-        assert r["times"]["sparse"]["median_s"] > 0
+@pytest.mark.slow
+def test_run_all_small(tmp_path):
+    subprocess.run([sys.executable, "benchmarks/run_all.py", "--small", "--out", str(tmp_path)], cwd=REPO, check=True,
+                   capture_output=True, text=True, timeout=600)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results) == {"dispatch", "train_step", "kmeans", "data", "scaling"}
+    assert [r["num_experts"] for r in results["dispatch"]["results"]] == [4, 8, 16]
+    assert all(r["experts_per_patch"] >= 1.0 for r in results["dispatch"]["results"])
+    assert results["train_step"]["models"]["pce"]["active_params"] < results["train_step"]["models"]["pce"]["total_params"]
+    assert 0.9 < results["kmeans"]["comparisons"]["sklearn_same_iters"]["objective_ratio"]["median"] < 1.1
+    assert results["scaling"]["two_ranks"]["dispatch_over_routed"] <= 1.1  # a measured target, not just a run
+    table = (tmp_path / "results.md").read_text()
+    assert table.count("\n|") >= 10 and "all-to-all bytes" in table
