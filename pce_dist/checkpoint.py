@@ -323,6 +323,7 @@ class Checkpointer:
         else:
             train_state.micro_step, train_state.samples_seen = self._map_position(meta, train_state)
         engine.global_steps = train_state.global_step
+        self.last_saved, self.saved_step = path, train_state.global_step  # nothing new to save yet
         log.info("resumed from %s (step %d, epoch %d, %s layout)", path, train_state.global_step, train_state.epoch,
                  "same" if same_layout else "different")
         return train_state

@@ -164,6 +164,8 @@ class Trainer:
                     self.checkpointer.save(self, reason="epoch")
         if self.checkpointer is not None and self.checkpointer.saved_step != self.state.global_step:
             self.checkpointer.save(self, reason="final")  # training ended by train.max_steps mid-epoch
+        if not self.last_eval:  # resumed from a finished run: nothing to train, still report
+            self.evaluate(self.cfg.data.val_split or self.cfg.data.eval_split)
         return self.last_eval
 
     def _new_accumulators(self) -> dict[str, torch.Tensor]:
