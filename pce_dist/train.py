@@ -129,7 +129,7 @@ def run(cfg: RunConfig, env: DistEnv, stop_signals: tuple[int, ...] = (signal.SI
     from .checkpoint import Checkpointer
     from .engine import build_engine
     from .tracking import Tracker
-    from .trainer import Trainer
+    from .trainer import Trainer, schedule_length
 
     run_dir = Path(cfg.output_dir).resolve()
     if env.is_main:
@@ -142,8 +142,7 @@ def run(cfg: RunConfig, env: DistEnv, stop_signals: tuple[int, ...] = (signal.SI
         signal.signal(signum, checkpointer.request_stop)
     resume = checkpointer.find_resume()
     model = build_model_for(cfg, env)
-    trainer_probe_steps = data.steps_per_epoch() // cfg.train.grad_accum
-    total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else cfg.train.epochs * trainer_probe_steps
+    _, _, total_steps = schedule_length(cfg, data.steps_per_epoch())  # the LR schedule's length
     engine, _ = build_engine(model, cfg, env, total_steps)
     torch.manual_seed(cfg.train.seed * 1000 + env.rank + 1)  # per-rank dropout streams (a resume restores them)
     state = checkpointer.load(resume, model, engine) if resume else None

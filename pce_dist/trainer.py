@@ -47,6 +47,23 @@ class DataSource(Protocol):
     def steps_per_epoch(self) -> int: ...
 
 
+def schedule_length(cfg: RunConfig, batches_per_epoch: int) -> tuple[int, int, int]:
+    """``(micro-batches per epoch, epochs, optimizer steps)`` -- the one place this is derived.
+
+    An epoch uses the largest multiple of ``train.grad_accum`` batches; ``train.max_steps``
+    (optimizer steps) overrides ``train.epochs`` when set.
+    """
+    accum = cfg.train.grad_accum
+    micro_per_epoch = batches_per_epoch // accum * accum
+    if micro_per_epoch < 1:
+        raise ValueError(f"an epoch has {batches_per_epoch} batches per rank, fewer than "
+                         f"train.grad_accum={accum}; lower data.batch_size or train.grad_accum")
+    steps_per_epoch = micro_per_epoch // accum
+    if cfg.train.max_steps > 0:
+        return micro_per_epoch, math.ceil(cfg.train.max_steps / steps_per_epoch), cfg.train.max_steps
+    return micro_per_epoch, cfg.train.epochs, cfg.train.epochs * steps_per_epoch
+
+
 @dataclass
 class TrainState:
     """Where training is; saved in checkpoints. ``micro_step`` counts batches of ``epoch``."""
@@ -70,18 +87,7 @@ class Trainer:
         self.should_stop = should_stop or (lambda: False)
         self.device = env.device
         self.dtype = torch.bfloat16 if resolve_precision(cfg, env) == "bf16" else torch.float32
-        micro_per_epoch = data.steps_per_epoch() // cfg.train.grad_accum * cfg.train.grad_accum
-        if micro_per_epoch < 1:
-            raise ValueError(f"an epoch has {data.steps_per_epoch()} batches per rank, fewer than "
-                             f"train.grad_accum={cfg.train.grad_accum}; lower data.batch_size or train.grad_accum")
-        self.micro_per_epoch = micro_per_epoch
-        self.steps_per_epoch = micro_per_epoch // cfg.train.grad_accum
-        if cfg.train.max_steps > 0:
-            self.total_steps = cfg.train.max_steps
-            self.num_epochs = math.ceil(cfg.train.max_steps / self.steps_per_epoch)
-        else:
-            self.num_epochs = cfg.train.epochs
-            self.total_steps = cfg.train.epochs * self.steps_per_epoch
+        self.micro_per_epoch, self.num_epochs, self.total_steps = schedule_length(cfg, data.steps_per_epoch())
         self.history: list[dict] = []  # rank-0 view of every logged train metric row
         self.last_eval: dict[str, float] = {}
         self._fixed = None  # images the routing maps show (see _plot_batch)

@@ -54,14 +54,19 @@ def _reference_layer(num_experts, norm):
             "x_grad": x.grad}
 
 
+def parallelize_experts_layer(layer, env):
+    """Keep this rank's experts of one layer and install the all-to-all dispatcher."""
+    from pce_dist.distributed.dispatch import AllToAllDispatcher
+    ids = env.local_expert_ids(layer.num_experts)
+    layer.keep_experts(ids)
+    layer.dispatcher = AllToAllDispatcher(env.ep_group, env.ep_size, env.ep_rank, ids)
+
+
 def _ep_layer_worker(rank, world_size, num_experts, norm, ep_size):
     env = DistEnv.from_environ(DistConfig(ep_size=ep_size, timeout_s=30)).init()
     layer = _layer(num_experts, norm).train()
-    local_ids = env.local_expert_ids(num_experts)
-    layer.keep_experts(local_ids)
-    from pce_dist.distributed.dispatch import AllToAllDispatcher
     if ep_size > 1:
-        layer.dispatcher = AllToAllDispatcher(env.ep_group, ep_size, env.ep_rank, local_ids)
+        parallelize_experts_layer(layer, env)
     x_all, target_all = _data()
     per = GLOBAL_BATCH // world_size
     x = x_all[rank * per:(rank + 1) * per].clone().requires_grad_(True)
@@ -123,13 +128,6 @@ def _skewed_worker(rank, world_size):
     y.sum().backward()
     return {"finite": bool(torch.isfinite(y).all()), "x_grad": x.grad is not None,
             "expert_grads": {k: any(p.grad is not None for p in e.parameters()) for k, e in layer.experts.items()}}
-
-
-def parallelize_experts_layer(layer, env):
-    from pce_dist.distributed.dispatch import AllToAllDispatcher
-    ids = env.local_expert_ids(layer.num_experts)
-    layer.keep_experts(ids)
-    layer.dispatcher = AllToAllDispatcher(env.ep_group, env.ep_size, env.ep_rank, ids)
 
 
 def test_zero_patches_for_an_expert_and_a_rank():
