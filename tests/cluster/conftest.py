@@ -18,6 +18,7 @@ import os
 import subprocess
 import time
 from dataclasses import dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,8 @@ class SlurmCluster:
     accounting: bool  # slurmdbd is running, so sacct (and submitit's job states) work
     started_here: bool
     nodes: tuple[str, ...] = field(default=("node1", "node2", "node3", "node4"))
+    RELEASE_AFTER_S: ClassVar[float] = 2.0  # a requeued job is held at least this long (release_requeued)
+    _held_since: dict[str, float] = field(default_factory=dict, repr=False)  # job id -> first seen held
 
     def client_env(self) -> dict[str, str]:
         """os.environ plus this cluster's variables, without an enclosing job's id."""
@@ -125,16 +128,24 @@ class SlurmCluster:
         )
 
     def release_requeued(self, job_id: str) -> bool:
-        """Lets a requeued batch job start now. After a requeue (``scontrol requeue``, or
-        submitit requeueing itself on timeout/preemption) slurmctld holds the job ~2 min in
-        PENDING with reason BeginTime. Returns True when the job was held so and released;
-        call it again while polling, as the job only becomes PENDING after it has finished
-        completing."""
+        """Lets a requeued batch job start now, once it has been held long enough.
+
+        After a requeue (``scontrol requeue``, or submitit requeueing itself on timeout or
+        preemption) slurmctld holds the job ~2 min in PENDING with reason BeginTime. Releasing
+        it within the same second as the requeue makes slurmd refuse the new launch ("Killing
+        non-startable batch job: Job credential revoked") and the job ends FAILED; SLURM's hold
+        exists to keep clear of exactly this. So the job is released only after it has been
+        seen held for ``RELEASE_AFTER_S``. Call it while polling; returns True on release."""
         state, reason = self.job_state(job_id)
-        if state == "PENDING" and reason == "BeginTime":
-            self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", timeout=20)
-            return True
-        return False
+        if (state, reason) != ("PENDING", "BeginTime"):
+            self._held_since.pop(job_id, None)
+            return False
+        held_since = self._held_since.setdefault(job_id, time.monotonic())
+        if time.monotonic() - held_since < self.RELEASE_AFTER_S:
+            return False
+        self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", timeout=20)
+        self._held_since.pop(job_id, None)
+        return True
 
     def log_tail(self, lines: int = 40) -> str:
         out = []

@@ -83,6 +83,13 @@ def test_submitit_job_on_two_nodes_returns_task_ranks(slurm_cluster, tmp_path):
         slurm_cluster.run("scancel", job.job_id, check=False)
 
 
+def _wait_for_text(path, text: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in (path.read_text() if path.exists() else ""):
+        assert time.monotonic() < deadline, path.read_text() if path.exists() else f"no output file {path}"
+        time.sleep(0.1)
+
+
 @pytest.mark.timeout(300, func_only=True)
 def test_requeued_job_runs_again_once_released(slurm_cluster, tmp_path):
     out = tmp_path / "requeue.out"
@@ -94,6 +101,7 @@ def test_requeued_job_runs_again_once_released(slurm_cluster, tmp_path):
     try:
         slurm_cluster.wait_for_state(job_id, "RUNNING", timeout=120)
         print(f"submit -> RUNNING: {time.monotonic() - submitted:.2f} s")
+        _wait_for_text(out, "restart=0", timeout=60)  # the batch script really runs: a preemption, not a launch race
 
         slurm_cluster.run("scontrol", "requeue", job_id)
         t_requeue = time.monotonic()
@@ -109,10 +117,7 @@ def test_requeued_job_runs_again_once_released(slurm_cluster, tmp_path):
 
         show = slurm_cluster.run("scontrol", "show", "job", job_id).stdout
         assert "Restarts=1" in show, show
-        deadline = time.monotonic() + 60
-        while "restart=1" not in (out.read_text() if out.exists() else ""):
-            assert time.monotonic() < deadline, out.read_text() if out.exists() else "no output file"
-            time.sleep(0.2)
+        _wait_for_text(out, "restart=1", timeout=60)
     finally:
         slurm_cluster.run("scancel", job_id, check=False)
     slurm_cluster.wait_for_state(job_id, "CANCELLED", timeout=60)

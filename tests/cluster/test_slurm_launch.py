@@ -37,7 +37,6 @@ TRAIN_ARGS = [
 ]  # fmt: skip
 JOB_TIMEOUT_S = 150  # one 4-rank attempt takes ~30 s on 2 cores
 # while a preempted job goes around: running, exiting, held after the requeue, starting again
-RELEASE_AFTER_S = 2.0
 CYCLE_STATES = {"RUNNING", "COMPLETING", "REQUEUED", "PENDING", "CONFIGURING", "RESV_DEL_HOLD"}
 
 
@@ -75,14 +74,9 @@ def rank_log(out: Path, job_id: str, rank: int, stream: str = "err") -> str:
 
 
 def wait_until_done(cluster, job_id: str, out: Path, timeout: float, release: bool = False) -> str:
-    """Final state of the job; releases it from the post-requeue hold when ``release``.
-
-    The release waits until the job has been held for ``RELEASE_AFTER_S``: slurmd refuses a
-    job whose credential is from the same second as the requeue revoked the old one
-    ("Killing non-startable batch job: Job credential revoked"; SLURM's ~2 min hold exists
-    to keep clear of exactly this)."""
+    """Final state of the job; releases it from the post-requeue hold when ``release``
+    (``SlurmCluster.release_requeued`` waits out the credential-revocation window)."""
     deadline = time.monotonic() + timeout
-    held_since = None
     while True:
         state, reason = cluster.job_state(job_id)
         if state not in CYCLE_STATES and state != "UNKNOWN":
@@ -91,9 +85,7 @@ def wait_until_done(cluster, job_id: str, out: Path, timeout: float, release: bo
             cluster.run("scancel", job_id, check=False)
             raise AssertionError(f"job {job_id} still {state} ({reason}) after {timeout} s\n"
                                  f"{rank_log(out, job_id, 0)[-3000:]}")
-        held = release and (state, reason) == ("PENDING", "BeginTime")
-        held_since = (held_since or time.monotonic()) if held else None
-        if held and time.monotonic() - held_since >= RELEASE_AFTER_S:
+        if release:
             cluster.release_requeued(job_id)
         time.sleep(0.2)
 
@@ -224,7 +216,7 @@ def test_preempted_job_requeues_and_resumes_exactly(slurm_cluster, digits_root, 
     assert run.data.tags["world_size"] == "4"
     resumed_ms = next(t for s, _, t in history if s == stop_step + 1)
     print(f"\nsignal -> requeued (PENDING): {t_requeued - t_signal:.1f} s; signal -> first resumed step "
-          f"(hold released after {RELEASE_AFTER_S:.0f} s): {resumed_ms / 1000 - t_signal:.1f} s; "
+          f"(hold released after {slurm_cluster.RELEASE_AFTER_S:.0f} s): {resumed_ms / 1000 - t_signal:.1f} s; "
           f"stopped at step {stop_step}")
     assert_no_drained_nodes(slurm_cluster)
 
