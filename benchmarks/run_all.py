@@ -62,9 +62,10 @@ def run(small: bool, data_root: Path) -> tuple[dict, list[tuple[str, str, str]]]
     km = _quiet(_script("kmeans").main, km_args)
     results["kmeans"] = km
     for name, c in km["comparisons"].items():
-        rows.append((f"k-means time {name} / FAISS ({km['n']} x {km['d']}, k={km['k']})", _fmt(c["time_ratio"]),
-                     ">= 20"))
-        rows.append((f"k-means objective FAISS / {name}", _fmt(c["objective_ratio"]), "~ 1"))
+        target = "-" if name == "faiss_all_rows" else ">= 20"
+        rows.append((f"k-means time {name} / FAISS key init ({km['n']} x {km['d']}, k={km['k']})",
+                     _fmt(c["time_ratio"]), target))
+        rows.append((f"k-means objective FAISS key init / {name}", _fmt(c["objective_ratio"]), "~ 1"))
     data_mod = _script("data")
     data = data_mod.run(data_root, "digits" if small else "fashion-mnist", [0, 1] if small else [0, 1, 2],
                         1 if small else 3, 64 if small else 256)

@@ -3,7 +3,10 @@
     python -m pce_dist.evaluate MODEL.pt [--data-root DIR] [--split test] [--batch-size N] [--json]
 
 Uses the same data pipeline (``pce_dist.data``) and the same metric arithmetic
-(``pce_dist.evaluation``) as the distributed trainer, so the numbers are comparable.
+(``pce_dist.evaluation``) as the distributed trainer, so the numbers are comparable. Also
+prints what one image costs (``pce_dist.flops``: total and active parameters, forward
+FLOPs, experts per patch), measured on the split's first batch with the trained routing --
+the numbers that put a PCE run and its dense baseline side by side.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import sys
 
 import torch
 
-from . import evaluation
+from . import evaluation, flops
 from .config import config_from_dict
 from .export import load_exported
 
@@ -33,8 +36,14 @@ def evaluate_file(path: str, *, data_root: str | None = None, split: str | None 
     sums, layer_sums, _ = evaluation.accumulate(model, loader, device=torch.device("cpu"), dtype=torch.float32,
                                                 num_layers=len(model.routers()), num_experts=cfg.model.num_experts,
                                                 num_classes=cfg.model.num_classes)
-    return evaluation.metrics(sums, layer_sums, prefix="eval" if split == cfg.data.eval_split else split,
-                              collapse_usage=cfg.model.collapse_usage)
+    metrics = evaluation.metrics(sums, layer_sums, prefix="eval" if split == cfg.data.eval_split else split,
+                                 collapse_usage=cfg.model.collapse_usage)
+    x_BCHW, _, valid_B = next(iter(loader))
+    cost = flops.measure(model, x_BCHW[valid_B.bool()])
+    metrics.update({"cost/total_params": float(cost.total_params), "cost/active_params": cost.active_params,
+                    "cost/fwd_mflop_per_img": cost.forward_flops_per_image / 1e6})
+    metrics.update({f"cost/experts_per_patch/layer{i}": k for i, k in enumerate(cost.experts_per_patch)})
+    return metrics
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         key = next(k for k in metrics if k.endswith("/accuracy"))
         print(f"{key.split('/')[0]} accuracy: {metrics[key]:.4f} on {int(metrics[key.replace('accuracy', 'samples')])} samples")
+        per_patch = ", ".join(f"{v:.2f}" for k, v in metrics.items() if k.startswith("cost/experts_per_patch/"))
+        print(f"params: {int(metrics['cost/total_params']):,} total, {metrics['cost/active_params']:,.0f} active per image; "
+              f"forward {metrics['cost/fwd_mflop_per_img']:.1f} MFLOP/image; experts per patch: {per_patch or '-'}")
     return 0
 
 

@@ -137,7 +137,7 @@ class Trainer:
 
         start = time.perf_counter()
         records = init_keys(self.model, batches, max_samples=t.key_init_samples // world, niter=t.kmeans_iters,
-                            seed=t.seed, method=t.key_init, gather=gather, broadcast=broadcast)
+                            max_points_per_centroid=t.kmeans_max_points_per_centroid, seed=t.seed, method=t.key_init, gather=gather, broadcast=broadcast)
         seconds = time.perf_counter() - start
         self._sync_keys()
         self.state.keys_initialised = True
@@ -319,6 +319,10 @@ class Trainer:
             totals = self._all_reduce(torch.tensor([float(data_stats[k]) for k in keys], device=self.device))
             metrics.update({f"data/{k}": v for k, v in zip(keys, totals.tolist())})
         self.tracker.log_metrics(metrics, step=self.state.global_step)
+        if self.env.is_main:
+            log.info("%s at epoch %d/%d (step %d): accuracy %.4f, loss %.4f", split, self.state.epoch + 1,
+                     self.num_epochs, self.state.global_step, metrics.get(f"{prefix}/accuracy", float("nan")),
+                     metrics.get(f"{prefix}/loss", float("nan")))
         self._plots(split, cm_KK)
         self.last_eval = metrics
         model.train(was_training)

@@ -41,6 +41,7 @@ def test_main_job_trains_logs_and_exports(tmp_path, digits_root):
     accuracy = float(re.search(r"test accuracy: ([0-9.]+)", stdout).group(1))
     assert accuracy > 0.7, stdout[-2000:]
     assert "MLflow run:" in stdout and "checkpoints:" in stdout
+    assert len(re.findall(r"test at epoch [123]/3 \(step \d+\): accuracy 0\.\d{4}", stdout)) == 3  # one line per eval
 
     client, run = mlflow_run(out)
     assert run.info.status == "FINISHED"
@@ -64,6 +65,9 @@ def test_main_job_trains_logs_and_exports(tmp_path, digits_root):
     evaluated = subprocess.run([sys.executable, "-m", "pce_dist.evaluate", str(model), "--data-root", str(digits_root)],
                                cwd=REPO, check=True, capture_output=True, text=True).stdout
     assert float(re.search(r"accuracy: ([0-9.]+)", evaluated).group(1)) == pytest.approx(accuracy, abs=1e-4)
+    cost = re.search(r"params: ([0-9,]+) total, ([0-9,]+) active per image; forward ([0-9.]+) MFLOP/image", evaluated)
+    total, active = (int(cost.group(i).replace(",", "")) for i in (1, 2))
+    assert active < total and float(cost.group(3)) > 0  # 4 experts, about one active per patch
 
 
 def _rank_process(launcher_pid: int, rank: int) -> psutil.Process | None:

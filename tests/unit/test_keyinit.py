@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from pce_dist.config import load_config
@@ -22,6 +23,20 @@ def test_kmeans_recovers_separated_directions_and_is_deterministic():
     sims = a.centroids_KD @ centers.T  # each true center matched by one unit centroid
     assert np.allclose(np.sort(sims.max(0)), 1.0, atol=0.01)
     np.testing.assert_allclose(np.linalg.norm(a.centroids_KD, axis=1), 1.0, atol=1e-5)
+
+
+def test_subsampled_kmeans_is_deterministic_and_scored_on_every_row():
+    x, centers = _clusters(k=4, d=16, per=2000)  # 8000 rows; 64 points per centroid -> trained on 256
+    sub = kmeans(x, 4, niter=20, seed=1, max_points_per_centroid=64)
+    again = kmeans(x, 4, niter=20, seed=1, max_points_per_centroid=64)
+    full = kmeans(x, 4, niter=20, seed=1, max_points_per_centroid=0)
+    np.testing.assert_array_equal(sub.centroids_KD, again.centroids_KD)
+    assert sub.objective == again.objective
+    assert not np.array_equal(sub.centroids_KD, full.centroids_KD)  # really trained on other rows
+    assert np.allclose(np.sort((sub.centroids_KD @ centers.T).max(0)), 1.0, atol=0.01)
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)  # the objective covers all 8000 rows
+    expected = float((1.0 - (xn @ sub.centroids_KD.T).max(1)).sum())
+    assert sub.objective == pytest.approx(expected, rel=1e-3)
 
 
 def test_init_keys_layer_by_layer_is_deterministic():
