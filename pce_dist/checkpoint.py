@@ -176,6 +176,7 @@ class Checkpointer:
     def save(self, trainer: Any, reason: str = "step") -> Path:
         """Every rank calls this at an optimizer-step boundary; returns the checkpoint dir."""
         env, state = self.env, trainer.state
+        trainer.sync_norm_statistics()  # one model on disk, whichever rank writes a module
         name = f"step_{state.global_step:08d}"
         final = self.root / name
         tmp = self.root / f".tmp-{name}"

@@ -99,6 +99,35 @@ class Trainer:
             dist.all_reduce(t, group=self.env.dp_group)
         return t
 
+    @torch.no_grad()
+    def sync_norm_statistics(self) -> None:
+        """Average BatchNorm running statistics over the ranks that hold the same module.
+
+        In training mode BatchNorm normalises with batch statistics, but each rank updates
+        its *running* statistics from its own micro-batches only, so the replicas drift
+        apart. Evaluation and checkpoints must see one model: shared buffers are averaged
+        over the data-parallel group, expert buffers over the expert-data-parallel group
+        (the ranks hosting the same experts). Training itself never reads these buffers, so
+        losses are unchanged. Two all-reduces (flattened), at evaluations and checkpoints.
+        """
+        if self.env.world_size == 1:
+            return
+        shared, experts = [], []
+        for name, buf in self.model.named_buffers():
+            if buf.is_floating_point():  # running_mean / running_var; the step counters agree
+                (experts if ".experts." in name else shared).append(buf)
+        for bufs, group, size in ((shared, self.env.dp_group, self.env.world_size),
+                                  (experts, self.env.edp_group, self.env.world_size // self.env.ep_size)):
+            if not bufs or size == 1:
+                continue
+            flat = torch.cat([b.reshape(-1).float() for b in bufs])
+            dist.all_reduce(flat, group=group)
+            flat /= size
+            offset = 0
+            for b in bufs:
+                b.copy_(flat[offset:offset + b.numel()].view_as(b))
+                offset += b.numel()
+
     def _to_device(self, x: torch.Tensor, y: torch.Tensor):
         return x.to(self.device, self.dtype, non_blocking=True), y.to(self.device, non_blocking=True)
 
@@ -304,6 +333,7 @@ class Trainer:
     def evaluate(self, split: str) -> dict[str, float]:
         """Whole split, each sample once across ranks; one all-reduce of the sums; plots."""
         model, cfg = self.model, self.cfg
+        self.sync_norm_statistics()
         was_training = model.training
         self.engine.eval()
         sums, layer_sums, cm_KK = evaluation.accumulate(
@@ -320,7 +350,8 @@ class Trainer:
             metrics.update({f"data/{k}": v for k, v in zip(keys, totals.tolist())})
         self.tracker.log_metrics(metrics, step=self.state.global_step)
         if self.env.is_main:
-            log.info("%s at epoch %d/%d (step %d): accuracy %.4f, loss %.4f", split, self.state.epoch + 1,
+            epochs_done = self.state.epoch + (1 if self.state.micro_step else 0)  # mid- or end-of-epoch
+            log.info("%s at epoch %d/%d (step %d): accuracy %.4f, loss %.4f", split, epochs_done,
                      self.num_epochs, self.state.global_step, metrics.get(f"{prefix}/accuracy", float("nan")),
                      metrics.get(f"{prefix}/loss", float("nan")))
         self._plots(split, cm_KK)

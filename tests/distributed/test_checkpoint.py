@@ -149,3 +149,32 @@ def test_partitioned_optimizer_state_refuses_other_layout(tmp_path):
     results = spawn(_load_and_continue, 2, args=(str(run_dir), ["dist.ep_size=2", "dist.zero_stage=1"], 4),
                     timeout_s=120)
     assert all(r["final_step"] == 4 for r in results)
+
+
+def _norm_stats_before_and_after_sync(rank, world, run_dir):
+    cfg, env, model, engine, _ = _setup(world, run_dir, ["dist.ep_size=2", "model.expert_norm=batch",
+                                                         "model.stem_norm=batch"])
+    data = InMemoryData(env.rank, world, num_batches=8)
+    trainer = Trainer(cfg, env, model, engine, data, NullTracker(), None)
+    model.train()
+    for x, _ in data.train_loader(0, 0)[:2]:
+        model(x)  # each rank's running statistics move with its own micro-batches only
+    stats = lambda: {k: v.clone() for k, v in model.named_buffers() if v.is_floating_point()}  # noqa: E731
+    before = stats()
+    trainer.sync_norm_statistics()
+    return env.rank, before, stats()
+
+
+def test_norm_statistics_are_averaged_over_replicas(tmp_path):
+    results = {rank: (before, after) for rank, before, after in
+               spawn(_norm_stats_before_and_after_sync, 4, args=(str(tmp_path / "run"),), timeout_s=120)}
+    # ep_size 2 on 4 ranks: ranks {0, 2} host experts 0-1, ranks {1, 3} host experts 2-3
+    groups = {0: [0, 1, 2, 3], 1: [0, 2], 2: [1, 3]}
+    drifted = 0
+    for name in sorted(set(results[0][0]) | set(results[1][0])):
+        replicas = groups[0] if ".experts." not in name else groups[1] if name in results[0][0] else groups[2]
+        values = [results[r][0][name] for r in replicas]
+        drifted += not all(torch.equal(v, values[0]) for v in values)
+        for r in replicas:
+            torch.testing.assert_close(results[r][1][name], torch.stack(values).mean(0), rtol=1e-6, atol=1e-7)
+    assert drifted > 0  # the ranks really had different statistics before
