@@ -1,6 +1,7 @@
 """Whole training step, PCE vs the dense baseline at (about) equal active FLOPs.
 
     python benchmarks/train_step.py [--config configs/fashion_mnist.yaml] [--batch 128] [--json] [key=value ...]
+    python benchmarks/train_step.py --profile   # where the time goes: top ops of each model
 
 Both models come from the same config (``model.kind=pce`` and ``model.kind=dense``: every
 PCE layer replaced by one expert block over the whole map). Each step is forward + loss +
@@ -28,12 +29,37 @@ from pce_dist.flops import measure  # noqa: E402
 from pce_dist.model import build_model, pce_loss  # noqa: E402
 
 
+def _profile(step, kinds: list[str], repeats: int) -> dict:
+    """Self CPU time per op (ms per step), PCE next to dense, the biggest differences first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    per_op = {}
+    for kind in kinds:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(repeats):
+                step(kind)
+        per_op[kind] = {e.key: e.self_cpu_time_total / 1e3 / repeats for e in prof.key_averages()}
+    total = {k: sum(v.values()) for k, v in per_op.items()}
+    names = sorted(set(per_op["pce"]) | set(per_op["dense"]),
+                   key=lambda n: -(per_op["pce"].get(n, 0.0) - per_op["dense"].get(n, 0.0)))
+    print(f"self CPU ms per step: pce {total['pce']:.1f}, dense {total['dense']:.1f} "
+          f"(the profiler's own overhead included)")
+    print("| op | pce ms | dense ms | pce - dense |")
+    print("|---|---|---|---|")
+    for n in names[:20]:
+        p, d = per_op["pce"].get(n, 0.0), per_op["dense"].get(n, 0.0)
+        print(f"| {n} | {p:.2f} | {d:.2f} | {p - d:+.2f} |")
+    return {"self_cpu_ms": per_op, "total_ms": total}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/fashion_mnist.yaml")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--profile", action="store_true",
+                    help="torch.profiler over --repeats steps of each model: ops by self CPU time")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     repo = Path(__file__).resolve().parents[1]
@@ -57,6 +83,8 @@ def main(argv=None) -> dict:
     times = {k: [] for k in setups}
     for kind in setups:  # warm-up
         step(kind)
+    if args.profile:
+        return _profile(step, list(setups), args.repeats)
     for _ in range(args.repeats):
         for kind in setups:
             start = time.perf_counter()

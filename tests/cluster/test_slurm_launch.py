@@ -209,7 +209,13 @@ def test_preempted_job_requeues_and_resumes_exactly(slurm_cluster, digits_root, 
     b = checkpoint_tensors(out / "checkpoints" / final)
     assert a.keys() == b.keys() and any(".experts." in k for k in a) and any(":optim:" in k for k in a)
     for key in a:
-        assert torch.equal(a[key], b[key]), key
+        if key.endswith((".running_mean", ".running_var")):
+            # averaged over the ranks at every checkpoint (Trainer.sync_norm_statistics); the
+            # stop checkpoint adds one averaging the reference run does not have. The running
+            # update is linear, so the final average is the same -- to float rounding.
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+        else:
+            assert torch.equal(a[key], b[key]), key
 
     _, run = mlflow_run(out)  # one MLflow run, continued
     assert run.data.tags["restart_count"] == "1" and run.info.status == "FINISHED"

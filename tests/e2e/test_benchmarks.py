@@ -25,3 +25,10 @@ def test_run_all_small(tmp_path):
     assert results["scaling"]["two_ranks"]["dispatch_over_routed"] <= 1.1  # a measured target, not just a run
     table = (tmp_path / "results.md").read_text()
     assert table.count("\n|") >= 10 and "all-to-all bytes" in table
+
+
+def test_train_step_profile_names_the_ops(tmp_path):
+    out = subprocess.run([sys.executable, "benchmarks/train_step.py", "--profile", "--batch", "8", "--repeats", "1"],
+                         cwd=REPO, check=True, capture_output=True, text=True, timeout=300).stdout
+    rows = [line for line in out.splitlines() if line.startswith("| aten::")]
+    assert len(rows) >= 5 and any("convolution" in r for r in rows), out[-2000:]
