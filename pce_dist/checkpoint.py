@@ -42,6 +42,7 @@ import torch
 
 from .config import RunConfig, to_dict
 from .distributed.env import DistEnv
+from .model.net import is_expert_name
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +52,6 @@ FORMAT_VERSION = 1
 ARCHITECTURE_KEYS = ("kind", "in_channels", "image_size", "num_classes", "stem_channels", "stem_norm", "channels",
                      "patch_sizes", "downsample", "num_experts", "expert_kernel", "expert_norm", "router_dim",
                      "spp_levels", "spp_pool", "head_spp_levels")
-
-
-def _is_expert(name: str) -> bool:
-    return ".experts." in name
 
 
 def _expert_prefix(name: str) -> str:
@@ -191,15 +188,15 @@ class Checkpointer:
         named_state = self._named_optimizer_state(model, engine.optimizer) if portable else {}
         model_state = model.state_dict()
         if env.is_main:
-            shared = {k: v for k, v in model_state.items() if not _is_expert(k)}
+            shared = {k: v for k, v in model_state.items() if not is_expert_name(k)}
             _atomic_save({"model": shared,
-                          "optimizer": {k: v for k, v in named_state.items() if not _is_expert(k)},
+                          "optimizer": {k: v for k, v in named_state.items() if not is_expert_name(k)},
                           "optimizer_groups": self._group_hparams(engine.optimizer),
                           "scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler else None},
                          tmp / "shared.pt")
         if env.rank < env.ep_size:  # the first expert-parallel group stores each expert once
-            experts = {k: v for k, v in model_state.items() if _is_expert(k)}
-            _atomic_save({"model": experts, "optimizer": {k: v for k, v in named_state.items() if _is_expert(k)}},
+            experts = {k: v for k, v in model_state.items() if is_expert_name(k)}
+            _atomic_save({"model": experts, "optimizer": {k: v for k, v in named_state.items() if is_expert_name(k)}},
                          tmp / f"experts_r{env.rank}.pt")
         if not portable:
             _atomic_save(engine.optimizer.state_dict(), tmp / f"zero_r{env.rank}.pt")
@@ -224,7 +221,7 @@ class Checkpointer:
             raise RuntimeError(f"checkpoint {tmp} is incomplete, missing {missing}; not publishing it")
         num_experts = self.cfg.model.num_experts
         per_rank = num_experts // env.ep_size
-        layers = sorted({k.partition(".experts.")[0] for k in model_state if _is_expert(k)})
+        layers = sorted({k.partition(".experts.")[0] for k in model_state if is_expert_name(k)})
         index = {f"{layer}.experts.{e}": f"experts_r{e // per_rank}.pt" for layer in layers for e in range(num_experts)}
         meta = {
             "format": FORMAT_VERSION, "reason": reason, "global_step": state.global_step, "epoch": state.epoch,
@@ -296,7 +293,7 @@ class Checkpointer:
         wanted = model.state_dict()
         state = dict(shared["model"])
         optim_state = dict(shared["optimizer"])
-        needed_files = {meta["expert_files"][_expert_prefix(k)] for k in wanted if _is_expert(k)}
+        needed_files = {meta["expert_files"][_expert_prefix(k)] for k in wanted if is_expert_name(k)}
         for fname in sorted(needed_files):
             part = torch.load(path / fname, map_location="cpu", weights_only=False)
             state.update({k: v for k, v in part["model"].items() if k in wanted})

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .model.net import PCENet
+from .model.net import PCENet, is_expert_name
 
 
 @dataclass
@@ -38,7 +38,7 @@ def measure(model: PCENet, x_BCHW: torch.Tensor) -> Cost:
         out = model(x_BCHW)
     model.train(was_training)
     total = sum(p.numel() for p in model.parameters())
-    expert_params = sum(p.numel() for name, p in model.named_parameters() if ".experts." in name)
+    expert_params = sum(p.numel() for name, p in model.named_parameters() if is_expert_name(name))
     active = float(total - expert_params)
     per_patch = []
     for layer, routes in zip(model.pce_layers(), out.routes):

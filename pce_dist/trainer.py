@@ -36,7 +36,7 @@ from .distributed.expert_parallel import traffic_stats
 from .engine import resolve_precision, sync_master_weights
 from .keyinit import init_keys
 from .model.losses import pce_loss
-from .model.net import PCENet
+from .model.net import PCENet, is_expert_name
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class Trainer:
         shared, experts = [], []
         for name, buf in self.model.named_buffers():
             if buf.is_floating_point():  # running_mean / running_var; the step counters agree
-                (experts if ".experts." in name else shared).append(buf)
+                (experts if is_expert_name(name) else shared).append(buf)
         for bufs, group, size in ((shared, self.env.dp_group, self.env.world_size),
                                   (experts, self.env.edp_group, self.env.world_size // self.env.ep_size)):
             if not bufs or size == 1:

@@ -92,7 +92,14 @@ class PCENet(nn.Module):
 
     def expert_parameter_names(self) -> list[str]:
         """Names of parameters that belong to one expert (reduced per expert, not globally)."""
-        return [name for name, _ in self.named_parameters() if ".experts." in name]
+        return [name for name, _ in self.named_parameters() if is_expert_name(name)]
+
+
+def is_expert_name(name: str) -> bool:
+    """Whether a parameter or buffer name (``layers.0.experts.3.conv1.weight``) belongs to one
+    expert: the one test every module that treats experts apart (reduction groups, norm
+    statistics, checkpoint shards, active-parameter counts) uses."""
+    return ".experts." in name
 
 
 def build_model(cfg: ModelConfig) -> PCENet:
