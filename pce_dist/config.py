@@ -70,7 +70,14 @@ class DataConfig:
     resampled: bool = False  # sample shards with replacement (very large data; epochs become nominal)
     samples_per_epoch: int = 0  # resampled only: nominal epoch length; 0 = the train split's size
     train_shards: str = ""  # subset of train shard names, brace pattern ("train-{000000..000009}.tar"); "" = all
-    strict: bool = False  # raise on a corrupt sample instead of skipping and counting it
+    # Damaged data is an error by default: a missing, truncated or checksum-mismatching shard, or an
+    # undecodable sample, stops the run naming the culprit. A tolerance > 0 skips and counts such
+    # samples instead (reported on rank 0's console and in MLflow) until this fraction of an
+    # epoch's planned samples is exceeded -- for huge scraped sets where a few bad files are expected.
+    max_skipped_fraction: float = 0.0
+    # How each shard is checked against manifest.json when it is opened: "sha256" (size + digest;
+    # hashing costs far less than decoding), "size" (local files: byte size only), "off".
+    verify: Literal["sha256", "size", "off"] = "sha256"
     random_crop_padding: int = 0  # pad-then-crop augmentation in pixels; 0 = off
     hflip: bool = False  # random horizontal flip; off by default (digits are not flip-invariant)
     mean: list[float] = field(default_factory=lambda: [0.5])  # per-channel normalisation
@@ -116,6 +123,9 @@ class DistConfig:
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0/1/2 (3 is unsupported with expert parallelism)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     timeout_s: float = 300.0  # every collective fails after this long instead of hanging
+    # Each rank's heartbeat file (<output_dir>/logs/heartbeat/) is rewritten this often; a rank
+    # whose file goes stale is named as the culprit when a collective times out.
+    heartbeat_s: float = 5.0
 
 
 @dataclass
@@ -343,6 +353,8 @@ def validate(cfg: RunConfig) -> None:
     _require(len(d.mean) == len(d.std) == m.in_channels, "data.mean", d.mean,
              f"data.mean and data.std need model.in_channels={m.in_channels} entries")
     _require(all(s > 0 for s in d.std), "data.std", d.std, "must be > 0")
+    _require(0.0 <= d.max_skipped_fraction < 1.0, "data.max_skipped_fraction", d.max_skipped_fraction,
+             "must be in [0, 1) (0 = any damaged sample or shard is an error)")
     _require(d.samples_per_epoch >= 0, "data.samples_per_epoch", d.samples_per_epoch, "must be >= 0")
     _require(d.samples_per_epoch == 0 or d.resampled, "data.samples_per_epoch", d.samples_per_epoch,
              "only applies with data.resampled=true (an exact epoch is the split's size)")
@@ -378,7 +390,19 @@ def validate(cfg: RunConfig) -> None:
     _require(ds.zero_stage in (0, 1, 2), "dist.zero_stage", ds.zero_stage,
              "ZeRO-3 is not supported with expert parallelism (DeepSpeed MoE); use 0, 1 or 2")
     _require(ds.timeout_s > 0, "dist.timeout_s", ds.timeout_s, "must be > 0")
+    _require(0 < ds.heartbeat_s < ds.timeout_s, "dist.heartbeat_s", ds.heartbeat_s,
+             f"must be > 0 and below dist.timeout_s={ds.timeout_s}")
 
     c = cfg.checkpoint
     _require(c.every_steps >= 0, "checkpoint.every_steps", c.every_steps, "must be >= 0")
     _require(c.keep_last >= 1, "checkpoint.keep_last", c.keep_last, "must be >= 1")
+
+
+def validate_world(cfg: RunConfig, world_size: int) -> None:
+    """The checks that need the number of ranks; the launchers call it before starting any rank
+    and every rank calls it again (``pce_dist.train``), so both fail with the same message."""
+    _require(world_size >= 1, "world size", world_size, "must be >= 1")
+    ds = cfg.dist
+    _require(world_size % ds.ep_size == 0, "dist.ep_size", ds.ep_size,
+             f"must divide the world size {world_size} (every expert-parallel group needs exactly "
+             f"ep_size ranks)")
