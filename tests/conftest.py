@@ -7,7 +7,7 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-_FOLDER_MARKERS = {"unit", "distributed", "cluster", "e2e"}
+_FOLDER_MARKERS = {"unit", "distributed", "cluster", "e2e", "faults"}
 
 
 def pytest_collection_modifyitems(config, items):
