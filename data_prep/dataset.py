@@ -102,7 +102,9 @@ def prepare(source: str, out: str | Path, input: str | None = None, shard_size: 
                     count = write_shard(out / fname, _encoded(split, start, stop, image_format, bar),
                                         image_format)
                     written.append(fname)
-                    shards.append({"name": fname, "num_samples": count, "sha256": sha256_file(out / fname)})
+                    # size and digest let the loader refuse a truncated or altered shard (docs/data.md)
+                    shards.append({"name": fname, "num_samples": count, "size": (out / fname).stat().st_size,
+                                   "sha256": sha256_file(out / fname)})
                 entries[name] = {"num_samples": len(split), "shards": shards}
     except BaseException:
         for fname in written:  # whole but orphaned without a manifest: do not leave them

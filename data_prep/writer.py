@@ -31,13 +31,22 @@ import numpy as np
 from PIL import Image
 
 MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 1  # "size" per shard was added later without a bump: readers treat it as optional
 TEMP_SUFFIX = ".tmp"
-SHARD_RE = re.compile(r"^(train|val|test)-\d{6}\.tar$")  # names this tool owns in --out
+# Names this tool owns in --out, and the only shard names a reader accepts from a manifest:
+# fullmatch with [0-9] (not \d, which admits non-ASCII digits, nor $, which admits a trailing
+# newline), because a pipe: data root pastes the name into a shell command.
+SHARD_RE = re.compile(r"(train|val|test)-[0-9]{6}\.tar")
 
 
 def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
+
+
+def is_shard_name(name: str, split: str) -> bool:
+    """Whether ``name`` is what ``shard_name(split, i)`` writes for some ``i``."""
+    m = SHARD_RE.fullmatch(name) if isinstance(name, str) else None
+    return m is not None and m.group(1) == split
 
 
 def encode_image(image: np.ndarray, fmt: str) -> bytes:
@@ -128,7 +137,7 @@ def clean_stale(out: Path) -> None:
 def remove_shards_except(out: Path, keep: set[str]) -> None:
     """Delete shard files this tool owns (``SHARD_RE``) that the new run did not write."""
     for p in out.iterdir():
-        if SHARD_RE.match(p.name) and p.name not in keep:
+        if SHARD_RE.fullmatch(p.name) and p.name not in keep:
             p.unlink()
 
 

@@ -13,12 +13,24 @@ test or a laptop run needs and nothing else -- rank 0 on the terminal, every ran
 output in ``<output_dir>/logs/rank{r}.log``, and a clear line saying which rank failed
 and how. Behaviour:
 
+* Before any rank starts, the config is loaded and checked against ``--nproc``
+  (``pce_dist.config.validate_world``: the same check every rank makes): a bad key or an
+  ``dist.ep_size`` that does not divide the ranks exits 2 with the key named.
 * Any rank exiting non-zero (or killed by a signal) stops the others: SIGTERM to each
-  rank's process group (a rank and its loader workers), SIGKILL after a grace period.
-  The launcher exits with that rank's code (128 + N for signal N).
-* SIGINT/SIGTERM to the launcher are forwarded to every rank's group; a second one
-  kills at once. Each rank also gets SIGKILL if the launcher itself dies (Linux).
+  rank, SIGKILL to each rank's process group (the rank and its loader workers) after
+  ``--grace-s``. The launcher exits with that rank's code (128 + N for signal N).
+* A rank that stops responding (its heartbeat file, ``pce_dist.distributed.heartbeat``,
+  goes silent for ``dist.timeout_s``: SIGSTOP, a dead node's NFS, ...) fails the job,
+  named as the culprit -- not the rank whose collective then timed out waiting for it.
+* SIGTERM, SIGINT or SIGUSR1 to the launcher is a *stop request*: it is forwarded to
+  every rank's main process (SIGINT as SIGTERM; never to loader workers, which would die
+  of it), the ranks agree, checkpoint and exit 3 (``pce_dist.stop``), and so does the
+  launcher. A second signal, or ``--stop-grace-s`` without an exit, kills at once.
+  Each rank also gets SIGKILL if the launcher itself dies (Linux).
 * Ranks run in their own sessions, so a terminal Ctrl-C reaches them once, via us.
+* Rank 0's output is relayed to the terminal and its log; a log write that fails (full
+  disk) is reported once and the relay goes on to the terminal, so rank 0 never blocks on
+  a full pipe.
 
 The hidden ``--entry module:function`` option swaps the entry point (tests use a tiny
 one). This file imports only the standard library at the top, so it starts instantly.
@@ -30,24 +42,29 @@ import argparse
 import importlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Callable
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ENTRY = "pce_dist.train:main"
-GRACE_S = 10.0  # time a stopped rank gets to exit cleanly (flush logs) before SIGKILL
+GRACE_S = 10.0  # after another rank failed: time a rank gets to exit (flush logs) before SIGKILL
+STOP_GRACE_S = 300.0  # after a stop request: the next log interval + one checkpoint must fit in it
 _TAIL_LINES = 20
 
-# What each child runs: resolve "module:function", call it with the forwarded argv.
+# What each child runs: own the stop signals first (pce_dist's own entries; before the
+# heavy imports, so no signal meets Python's default action), then resolve
+# "module:function" and call it with the forwarded argv.
 _BOOTSTRAP = (
     "import importlib, sys\n"
     "mod, _, fn = sys.argv[1].partition(':')\n"
+    "if mod.startswith('pce_dist.'):\n"
+    "    import pce_dist.stop; pce_dist.stop.install()\n"
     "rc = getattr(importlib.import_module(mod), fn)(sys.argv[2:])\n"
     "sys.exit(rc if isinstance(rc, int) else 0)\n"
 )
@@ -61,6 +78,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--output-dir", help="run directory; default: output_dir from the config")
     p.add_argument("--entry", default=DEFAULT_ENTRY, help=argparse.SUPPRESS)
     p.add_argument("--grace-s", type=float, default=GRACE_S, help=argparse.SUPPRESS)
+    p.add_argument("--stop-grace-s", type=float, default=STOP_GRACE_S,
+                   help="after a stop request, seconds the ranks get to checkpoint and exit before SIGKILL")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     args = p.parse_args(argv)
     if args.nproc < 1:
@@ -80,24 +99,40 @@ def forwarded_argv(args: argparse.Namespace) -> list[str]:
     return out + list(args.overrides)
 
 
-def resolve_output_dir(args: argparse.Namespace) -> Path:
-    """``--output-dir``, else the config's ``output_dir`` (also validates the config early)."""
-    if args.output_dir:
-        return Path(args.output_dir)
-    from pce_dist.config import load_config
+@dataclass(frozen=True)
+class RunPlan:
+    """What the launcher needs from the config: where the run writes, how long a rank may
+    stay silent. ``None`` fields: a custom ``--entry`` whose argv is not a pce_dist config."""
 
-    return Path(load_config(args.config, args.overrides).output_dir)
+    output_dir: Path
+    heartbeat_dir: Path | None = None
+    stale_after_s: float | None = None  # dist.timeout_s: silent this long = the job fails
+    heartbeat_s: float = 5.0  # dist.heartbeat_s
+
+
+def resolve_plan(args: argparse.Namespace) -> RunPlan:
+    """Load and check the config of ``pce_dist.train`` before any rank starts.
+
+    Raises ``ValueError`` naming the key for a bad config or an ``ep_size`` that does not fit
+    ``--nproc``. Other entries parse their own argv: only ``--output-dir`` is used.
+    """
+    if args.entry != DEFAULT_ENTRY:
+        if not args.output_dir:
+            raise ValueError("--output-dir is required with --entry")
+        return RunPlan(Path(args.output_dir))
+    from pce_dist.config import load_config, validate_world
+    from pce_dist.distributed.heartbeat import heartbeat_dir
+
+    overrides = list(args.overrides) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
+    cfg = load_config(args.config, overrides)
+    validate_world(cfg, args.nproc)
+    out = Path(cfg.output_dir)
+    return RunPlan(out, heartbeat_dir(out), cfg.dist.timeout_s, cfg.dist.heartbeat_s)
 
 
 def load_entry(spec: str) -> Callable[[list[str]], int | None]:
     module, _, function = spec.partition(":")
     return getattr(importlib.import_module(module), function)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _open_log(path: Path) -> IO[bytes]:
@@ -180,24 +215,48 @@ def _die_with_parent() -> None:
 
 def _pump(src: IO[bytes], *sinks: IO[bytes]) -> None:
     # Chunks, not lines: a progress bar redraws itself with "\r" and no newline, so a
-    # line-by-line relay would show nothing until the end of each epoch.
+    # line-by-line relay would show nothing until the end of each epoch. A sink that fails
+    # (ENOSPC on the log) is dropped with one line on stderr: the relay must go on
+    # draining the pipe, or rank 0 blocks on its next print and the job dies later of a
+    # misleading collective timeout.
     fd = src.fileno()
+    live = list(sinks)
     for chunk in iter(lambda: os.read(fd, 65536), b""):
-        for sink in sinks:
-            sink.write(chunk)
-            sink.flush()
+        for sink in list(live):
+            try:
+                sink.write(chunk)
+                sink.flush()
+            except (OSError, ValueError) as exc:
+                live.remove(sink)
+                name = getattr(sink, "name", "?")
+                with _suppress_errors():
+                    sys.stderr.write(f"[launch] cannot write rank 0's output to {name}: {exc}; "
+                                     "relaying to the terminal only\n")
+                    sys.stderr.flush()
     src.close()
+
+
+class _suppress_errors:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> bool:
+        return True
 
 
 class RankGroup:
     """The N rank processes: start, watch, stop. One process group (session) per rank."""
 
-    def __init__(self, entry: str, argv: list[str], nproc: int, log_dir: Path, grace_s: float) -> None:
-        self.nproc, self.log_dir, self.grace_s = nproc, log_dir, grace_s
+    def __init__(self, entry: str, argv: list[str], nproc: int, plan: RunPlan, grace_s: float,
+                 stop_grace_s: float = STOP_GRACE_S) -> None:
+        self.nproc, self.plan, self.grace_s, self.stop_grace_s = nproc, plan, grace_s, stop_grace_s
+        self.log_dir = plan.output_dir / "logs"
         self.procs: list[subprocess.Popen] = []
-        self.logs = [_open_log(log_dir / f"rank{r}.log") for r in range(nproc)]
+        self.logs = [_open_log(self.log_dir / f"rank{r}.log") for r in range(nproc)]
         self.pumps: list[threading.Thread] = []
         self.stop_deadline: float | None = None
+        self.started_at = time.time()
+        self._next_watch = 0.0
         self._start(entry, argv)
 
     def _env(self, rank: int, port: int) -> dict[str, str]:
@@ -210,7 +269,9 @@ class RankGroup:
         return env
 
     def _start(self, entry: str, argv: list[str]) -> None:
-        port = _free_port()
+        from pce_dist.distributed.rendezvous import free_port
+
+        port = free_port()
         cmd = [sys.executable, "-c", _BOOTSTRAP, entry, *argv]
         preexec = _die_with_parent if sys.platform.startswith("linux") else None
         for rank in range(self.nproc):
@@ -226,33 +287,70 @@ class RankGroup:
             self.pumps.append(t)
 
     def signal_all(self, sig: int) -> None:
+        """``sig`` to every rank's main process; SIGKILL goes to each whole process group."""
         for p in self.procs:
             try:
-                os.killpg(p.pid, sig)  # the rank and everything it started
+                if sig == signal.SIGKILL:
+                    os.killpg(p.pid, sig)  # the rank and everything it started
+                elif p.poll() is None:
+                    os.kill(p.pid, sig)  # loader workers would die of it: the rank stops them itself
             except (ProcessLookupError, PermissionError):
                 pass
 
-    def request_stop(self, sig: int = signal.SIGTERM) -> None:
+    def request_stop(self, sig: int = signal.SIGTERM, grace_s: float | None = None) -> None:
         if self.stop_deadline is None:
-            self.stop_deadline = time.monotonic() + self.grace_s
+            self.stop_deadline = time.monotonic() + (self.grace_s if grace_s is None else grace_s)
             self.signal_all(sig)
         else:  # asked twice: no more patience
             self.signal_all(signal.SIGKILL)
+
+    def _silent_ranks(self, stale_after_s: float) -> dict[int, str]:
+        """Running ranks whose heartbeat went silent for ``stale_after_s``, with the reason."""
+        if self.plan.heartbeat_dir is None:
+            return {}
+        from pce_dist.distributed.heartbeat import diagnose, read_heartbeats, stale_ranks
+
+        beats = read_heartbeats(self.plan.heartbeat_dir, self.nproc, since=self.started_at)
+        silent = {r for r, age in stale_ranks(beats, self.nproc, stale_after_s).items()
+                  if age is not None and self.procs[r].poll() is None}
+        out = {}
+        for rank in sorted(silent):
+            out[rank] = diagnose(self.plan.heartbeat_dir, self.nproc, stale_after_s, since=self.started_at) or ""
+        return out
+
+    def _watch_heartbeats(self) -> tuple[int, int] | None:
+        """Once a second: a rank silent for ``dist.timeout_s`` fails the job, named."""
+        now = time.monotonic()
+        if self.plan.stale_after_s is None or self.stop_deadline is not None or now < self._next_watch:
+            return None
+        self._next_watch = now + 1.0
+        silent = self._silent_ranks(self.plan.stale_after_s)
+        if not silent:
+            return None
+        rank, why = next(iter(silent.items()))
+        print(f"[launch] {why}; failing the job (dist.timeout_s={self.plan.stale_after_s:g})",
+              file=sys.stderr, flush=True)
+        self.request_stop()
+        return rank, 1
 
     def wait(self) -> tuple[int, int] | None:
         """Block until every rank exited; return (rank, code) of the first failure, if any."""
         first_failure = None
         reported: set[int] = set()
+        self.codes: dict[int, int] = {}
         while len(reported) < self.nproc:
             for rank, p in enumerate(self.procs):
                 code = p.poll()
                 if code is None or rank in reported:
                     continue
                 reported.add(rank)
+                self.codes[rank] = code
                 if code != 0 and first_failure is None and self.stop_deadline is None:
                     first_failure = (rank, code)
                     self._report_failure(rank, code)
                     self.request_stop()
+            if first_failure is None:
+                first_failure = self._watch_heartbeats()
             if self.stop_deadline is not None and time.monotonic() > self.stop_deadline:
                 self.signal_all(signal.SIGKILL)
             time.sleep(0.05)
@@ -266,6 +364,12 @@ class RankGroup:
     def _report_failure(self, rank: int, code: int) -> None:
         log_path = self.log_dir / f"rank{rank}.log"
         msg = f"[launch] rank {rank} {_describe(code)}; stopping the other ranks (log: {log_path})"
+        # A rank that fails first may be the victim: it timed out waiting for a silent peer.
+        if self.plan.stale_after_s is not None:
+            silent = self._silent_ranks(3 * self.plan.heartbeat_s)
+            if silent:
+                msg = (f"[launch] {next(iter(silent.values()))}; rank {rank} {_describe(code)} waiting for it; "
+                       f"stopping the job (log: {log_path})")
         if rank != 0:  # its output did not go to the terminal: show the end of it
             self.logs[rank].flush()
             tail = log_path.read_text(errors="replace").splitlines()[-_TAIL_LINES:]
@@ -273,27 +377,39 @@ class RankGroup:
         print(msg, file=sys.stderr, flush=True)
 
 
-def run_ranks(entry: str, argv: list[str], nproc: int, log_dir: Path, grace_s: float) -> int:
-    group = RankGroup(entry, argv, nproc, log_dir, grace_s)
+# What a signal to the launcher becomes for the ranks: a stop request (pce_dist.stop).
+_FORWARD = {signal.SIGINT: signal.SIGTERM, signal.SIGTERM: signal.SIGTERM, signal.SIGUSR1: signal.SIGUSR1,
+            signal.SIGUSR2: signal.SIGUSR2}
+EXIT_STOPPED = 3  # pce_dist.stop.EXIT_STOPPED; not imported so the launcher starts instantly
+
+
+def run_ranks(entry: str, argv: list[str], nproc: int, plan: RunPlan, grace_s: float,
+              stop_grace_s: float = STOP_GRACE_S) -> int:
+    group = RankGroup(entry, argv, nproc, plan, grace_s, stop_grace_s)
     interrupted: list[int] = []
 
     def forward(signum: int, _frame: object) -> None:
         if not interrupted:
-            print(f"[launch] got {signal.Signals(signum).name}; stopping {nproc} ranks", file=sys.stderr, flush=True)
+            print(f"[launch] got {signal.Signals(signum).name}; asking {nproc} ranks to checkpoint and stop "
+                  f"(a second signal kills them)", file=sys.stderr, flush=True)
         interrupted.append(signum)
-        group.request_stop(signum)
+        group.request_stop(_FORWARD[signum], grace_s=stop_grace_s)
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, forward) for s in _FORWARD}
     try:
         failure = group.wait()
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+    codes = set(group.codes.values())
+    if codes == {EXIT_STOPPED}:  # every rank checkpointed and stopped
+        return EXIT_STOPPED
+    if failure is not None and not interrupted:
+        return _exit_status(failure[1])
     if interrupted:
         return 128 + interrupted[0]
-    if failure is not None:
-        return _exit_status(failure[1])
-    return 0
+    bad = [c for c in group.codes.values() if c != 0]
+    return _exit_status(bad[0]) if bad else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -301,14 +417,17 @@ def main(argv: list[str] | None = None) -> int:
     if str(REPO_ROOT) not in sys.path:  # `python launch/local.py` puts launch/, not the repo, on the path
         sys.path.insert(1, str(REPO_ROOT))
     try:
-        output_dir = resolve_output_dir(args)
+        plan = resolve_plan(args)
     except ValueError as exc:
-        print(f"launch/local.py: {exc}", file=sys.stderr)
+        print(f"launch/local.py: error: {exc}", file=sys.stderr)
         return 2
-    log_dir = output_dir / "logs"
     if args.nproc == 1:
-        return run_in_process(args.entry, forwarded_argv(args), log_dir)
-    return run_ranks(args.entry, forwarded_argv(args), args.nproc, log_dir, args.grace_s)
+        if args.entry.startswith("pce_dist."):
+            from pce_dist import stop
+
+            stop.install()
+        return run_in_process(args.entry, forwarded_argv(args), plan.output_dir / "logs")
+    return run_ranks(args.entry, forwarded_argv(args), args.nproc, plan, args.grace_s, args.stop_grace_s)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import re
@@ -42,7 +43,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -251,7 +251,7 @@ def sbatch_test_only(script: str) -> str:
 
 def resolve_config(config: str | None, output_dir: str | None, overrides: list[str], spec: JobSpec):
     """The config the job will run, validated here so a bad key fails before submission."""
-    from pce_dist.config import load_config
+    from pce_dist.config import load_config, validate_world
 
     overrides = list(overrides) + ([f"output_dir={output_dir}"] if output_dir else [])
     try:
@@ -263,46 +263,14 @@ def resolve_config(config: str | None, output_dir: str | None, overrides: list[s
         if cfg.dist.backend == "nccl":
             raise LaunchError("config key 'dist.backend' = 'nccl' needs GPUs, but --gpus-per-node is 0")
         cfg.dist.backend = "gloo"
-    if spec.world_size % cfg.dist.ep_size:
-        raise LaunchError(f"config key 'dist.ep_size' = {cfg.dist.ep_size}: must divide the world size "
-                          f"{spec.world_size} (= --nodes {spec.nodes} x --tasks-per-node {spec.tasks_per_node})")
+    try:
+        validate_world(cfg, spec.world_size)
+    except ValueError as exc:
+        raise LaunchError(f"{exc} (= --nodes {spec.nodes} x --tasks-per-node {spec.tasks_per_node})") from None
     return cfg
 
 
 # ----------------------------------------------------------------------------- inside the job
-
-
-class StopSignalLatch:
-    """Catches stop signals from the first line of the task until the trainer's own handler
-    is installed (inside ``pce_dist.train.run``), then re-sends a caught one to this process
-    so the trainer sees it. Without it a signal during start-up (imports, rendezvous, data)
-    would go to submitit's handler, which checkpoints nothing and requeues from rank 0 only.
-    """
-
-    def __init__(self, signals: tuple[int, ...]) -> None:
-        self.signals = signals
-        self.caught: int | None = None
-        self._closed = threading.Event()
-
-    def _catch(self, signum: int, _frame: Any) -> None:
-        self.caught = signum  # nothing else: a handler may interrupt any line, logging included
-
-    def install(self) -> StopSignalLatch:
-        for signum in self.signals:
-            signal.signal(signum, self._catch)
-        threading.Thread(target=self._forward_when_trainer_listens, name="stop-signal-latch", daemon=True).start()
-        return self
-
-    def _forward_when_trainer_listens(self) -> None:
-        while not self._closed.wait(0.2):
-            signum = self.caught
-            if signum is not None and signal.getsignal(signum) != self._catch:
-                log.warning("%s arrived during start-up; passing it on to the trainer", signal.Signals(signum).name)
-                os.kill(os.getpid(), signum)
-                return
-
-    def close(self) -> None:
-        self._closed.set()
 
 
 @dataclass
@@ -321,8 +289,10 @@ class NotRequeuedError(RuntimeError):
     """The run stopped after a checkpoint and the job will not be requeued."""
 
 
-def why_not_requeue(cluster: str, restarts: int, max_requeues: int) -> str | None:
+def why_not_requeue(cluster: str, restarts: int, max_requeues: int, stopped_by: str = "") -> str | None:
     """None when a stopped job may requeue, else the reason why not."""
+    if stopped_by == "SIGUSR1":
+        return "SIGUSR1 is a user's stop request, not a preemption"
     if cluster != "slurm":
         return f"--cluster {cluster} cannot requeue"
     if restarts >= max_requeues:
@@ -344,15 +314,18 @@ class TrainJob:
         return Path(self.config["output_dir"]) / "slurm" / job_id / REQUEUE_MARKER
 
     def __call__(self) -> JobOutcome:
-        latch = StopSignalLatch(self.stop_signals).install()  # first: nothing before it may miss a signal
-        from pce_dist.config import config_from_dict
+        from pce_dist import stop as stop_signals
+
+        stop = stop_signals.install(self.stop_signals)  # first: replaces submitit's handlers
+        from pce_dist.config import apply_overrides, config_from_dict
         from pce_dist.distributed.env import DistEnv
         from pce_dist.train import run, setup_logging
 
         _export_local_layout(self.cluster)
         cfg = config_from_dict(self.config)
+        apply_overrides(cfg, _secret_overrides())  # live values, kept out of the pickled job
         env = DistEnv.from_environ(cfg.dist).init()
-        setup_logging(env)
+        setup_logging(env, cfg)
         job_id = os.environ.get("SLURM_JOB_ID", "")
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
         if env.is_main:
@@ -361,19 +334,19 @@ class TrainJob:
             if job_id:
                 self.requeue_marker(job_id).unlink(missing_ok=True)  # a stale one from a killed attempt
         try:
-            result = run(cfg, env, stop_signals=self.stop_signals)
+            result = run(cfg, env, stop)
         finally:
-            latch.close()
             env.destroy()
         outcome = JobOutcome(status=result.status, rank=env.rank, run_id=result.run_id,
                              checkpoint=result.checkpoint, restarts=restarts, metrics=result.metrics)
         if result.status == "STOPPED":
-            self._after_stop(outcome, env.is_main, job_id, cfg.output_dir)
+            self._after_stop(outcome, env.is_main, job_id, cfg.output_dir, stop.name)
         return outcome
 
-    def _after_stop(self, outcome: JobOutcome, is_main: bool, job_id: str, output_dir: str) -> None:
+    def _after_stop(self, outcome: JobOutcome, is_main: bool, job_id: str, output_dir: str,
+                    stopped_by: str) -> None:
         """Every rank checkpointed. Requeue (leave the marker, exit 0) or end with a clear error."""
-        reason = why_not_requeue(self.cluster, outcome.restarts, self.max_requeues)
+        reason = why_not_requeue(self.cluster, outcome.restarts, self.max_requeues, stopped_by)
         if reason is None:
             if is_main:
                 marker = self.requeue_marker(job_id)
@@ -389,6 +362,42 @@ class TrainJob:
                 f"training stopped after checkpoint {outcome.checkpoint} and is not requeued: {reason}. "
                 f"Submit the same command again to resume from {output_dir}/checkpoints/latest "
                 f"(MLflow run {outcome.run_id} continues).")
+
+
+SECRETS_ENV = "PCE_DIST_SECRET_OVERRIDES"  # JSON list of key=value; set at submission, read by every task
+
+
+def split_secrets(cfg) -> tuple[dict, list[str]]:
+    """``(config dict with secrets redacted, key=value overrides restoring the live values)``.
+
+    submitit pickles the job -- config included -- into ``<output_dir>/slurm/<job id>/``, a
+    folder anyone reading the run may see. Secret-bearing values travel in the job's
+    environment instead (sbatch exports the submitting environment; SLURM keeps it in its
+    root-only state), and each task puts them back in memory.
+    """
+    from pce_dist.config import flatten, to_dict
+    from pce_dist.redact import redact_obj
+
+    live = flatten(cfg)
+    redacted = redact_obj(to_dict(cfg))
+    shown = flatten_dict(redacted)
+    overrides = [f"{k}={json.dumps(v)}" for k, v in live.items() if shown.get(k) != v]
+    return redacted, overrides
+
+
+def flatten_dict(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten_dict(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _secret_overrides() -> list[str]:
+    raw = os.environ.get(SECRETS_ENV)
+    return list(json.loads(raw)) if raw else []
 
 
 def _export_local_layout(cluster: str) -> None:
@@ -464,7 +473,9 @@ def describe(job, spec: JobSpec, cfg) -> str:
     from pce_dist.tracking import resolve_tracking_uri
 
     task0 = job.task(0).paths if spec.world_size > 1 else job.paths
-    uri = resolve_tracking_uri(cfg, cfg.output_dir)
+    from pce_dist.redact import redact
+
+    uri = redact(resolve_tracking_uri(cfg, cfg.output_dir))
     if spec.cluster == "slurm":
         find_run = f"filter tags.slurm_job_id = '{job.job_id}' once rank 0 has started, or"
         requeues = (f"up to {spec.max_requeues}; {signal.Signals(preempt_signal()).name} "
@@ -487,7 +498,7 @@ def describe(job, spec: JobSpec, cfg) -> str:
 
 def submit(spec: JobSpec, cfg, dry_run: bool) -> int:
     """Check, then print (``dry_run``) or submit. ``LaunchError`` for anything refused up front."""
-    from pce_dist.config import to_dict, to_yaml
+    from pce_dist.config import to_yaml
 
     partition = None
     checks = []
@@ -509,8 +520,11 @@ def submit(spec: JobSpec, cfg, dry_run: bool) -> int:
         print(f"==> resolved config (the job writes it to {cfg.output_dir}/config.yaml)\n{to_yaml(cfg)}")
         print("==> checks\n" + ("\n".join(checks) or "none (not a SLURM submission)"))
         return 0
-    job_fn = TrainJob(config=to_dict(cfg), cluster=spec.cluster, max_requeues=spec.max_requeues,
-                      stop_signals=(preempt_signal(), int(signal.SIGTERM)))
+    config, secret_overrides = split_secrets(cfg)
+    if secret_overrides:
+        os.environ[SECRETS_ENV] = json.dumps(secret_overrides)  # inherited by sbatch, not written to a file
+    job_fn = TrainJob(config=config, cluster=spec.cluster, max_requeues=spec.max_requeues,
+                      stop_signals=(preempt_signal(), int(signal.SIGUSR1), int(signal.SIGTERM)))
     if __name__ != "__main__":  # imported (tests): launch/ is no package the job could import
         import cloudpickle
 

@@ -9,12 +9,12 @@ between the listed runs (a param equal everywhere says nothing about why two run
 differ, so it is left out), then ``best`` and ``final`` values of the headline metrics
 that any run has (``eval/accuracy``, ``eval/loss``, ``val/accuracy``, ``perf/img_per_s``)
 plus ``--metrics`` extras. ``best`` is the max for accuracy-like and the min for
-loss-like names (``tracking.metric_goal``); ``final`` is the value at the last step.
+loss-like names (``runs.metric_goal``); ``final`` is the value at the last step.
 
 Each run directory has its own sqlite store by default, so ``--run-dir`` (repeatable,
 several directories per flag) reads ``<dir>/mlflow.db``; runs from several stores and a
 ``--tracking-uri`` end up in one table, with a ``source`` column. Reading goes through
-``pce_dist.tracking`` (the only module that talks to MLflow) and never creates a store.
+``pce_dist.runs`` (MLflow's reading side) and never creates a store.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from .tracking import SUMMARY_METRICS, fetch_runs, metric_goal, run_dir_store_uri
+from .redact import redact
+from .runs import SUMMARY_METRICS, fetch_runs, metric_goal, run_dir_store_uri
 
 _FIXED = ("run", "id", "source", "status", "wall_s")
 
@@ -125,10 +126,10 @@ def _sources(run_dirs: Sequence[str], tracking_uri: str | None) -> list[tuple[st
     """``(label, uri)`` per store to read; the environment's URI only when nothing was named."""
     sources = [(d, run_dir_store_uri(d)) for d in run_dirs]
     if tracking_uri:
-        sources.append((tracking_uri, tracking_uri))
+        sources.append((redact(tracking_uri), tracking_uri))
     if not sources and os.environ.get("MLFLOW_TRACKING_URI"):
         uri = os.environ["MLFLOW_TRACKING_URI"]
-        sources.append((uri, uri))
+        sources.append((redact(uri), uri))
     if not sources:
         raise ValueError("nothing to compare: pass --run-dir DIR (repeatable) or --tracking-uri URI "
                          "(or set MLFLOW_TRACKING_URI)")

@@ -272,8 +272,14 @@ def to_dict(cfg: RunConfig) -> dict:
 
 
 def to_yaml(cfg: RunConfig) -> str:
-    """The resolved config as YAML, for saving next to a run and logging as an artifact."""
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    """The resolved config as YAML, for saving next to a run and logging as an artifact.
+
+    Secrets (a password in a URI, a token in a URL) are masked (``pce_dist.redact``): this
+    text is written to files and MLflow; the live values stay in ``cfg``.
+    """
+    from .redact import redact_obj
+
+    return yaml.safe_dump(redact_obj(to_dict(cfg)), sort_keys=False)
 
 
 def flatten(cfg: RunConfig) -> dict[str, Any]:

@@ -5,12 +5,20 @@ Every loader process (one per rank x worker) runs the same explicit list of stag
     shard list   manifest entries -> URLs (local dir, URL prefix or pipe: template)
     shuffle      shard order shuffled by (seed, epoch); eval keeps manifest order
     split        by rank, then by worker: contiguous *sample* ranges of that order
-    tar          read only the samples of the range (the rest is read past, not decoded)
+    tar          verify the shard against the manifest (pce_dist.integrity), then read only
+                 the samples of the range (the rest is read past, not decoded)
     shuffle      bounded sample buffer, seeded by (seed, epoch, rank, worker)
     skip         resume: drop the samples of already-trained batches, before decoding
-    decode       PNG/JPEG -> uint8 CHW; a corrupt sample is logged, counted and skipped
+    decode       PNG/JPEG -> uint8 CHW
     augment      random crop with padding, horizontal flip; seeded per (seed, epoch, key)
     batch        exactly the planned number of batches; pad if short; normalise
+
+Damaged data -- a missing, truncated or altered shard, a manifest count that does not fit
+the tar, an undecodable sample -- goes to one handler, ``_Stats.bad``: it raises
+``CorruptDataError`` naming the shard (and key), unless ``data.max_skipped_fraction`` > 0;
+then it skips, counts and warns, and raises once a loader process has skipped more than that
+fraction of its planned samples. Why fail by default: a rank that silently pads its batches
+with repeats trains on a fraction of the data and still exits 0.
 
 Why split by sample range instead of ``wds.split_by_node``/``split_by_worker`` (which
 deal out whole shards): the model runs all-to-all collectives in every forward, so every
@@ -33,6 +41,7 @@ import itertools
 import json
 import logging
 import random
+import shlex
 from collections import deque
 from dataclasses import dataclass
 from functools import partial
@@ -48,21 +57,21 @@ from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from data_prep.writer import MANIFEST, MANIFEST_VERSION  # the writer owns the file's name and format
+from pce_dist import integrity
 from pce_dist.config import DataConfig
 from pce_dist.data_plan import (ShardInfo, ShardSlice, WorkerPlan, plan_eval, plan_train,
                                 rank_range, resampled_slices)
+from pce_dist.integrity import CorruptDataError
+
+__all__ = ["CorruptDataError", "Manifest", "read_manifest", "build_train_loader", "build_eval_loader",
+           "TrainLoader", "EvalLoader"]
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
 IMAGE_EXTS = ("png", "jpg", "jpeg")
 _PIL_FORMAT = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG"}
 MAX_WARNINGS = 20  # per loader process; the counts in stats() stay exact beyond it
-
-
-class CorruptDataError(RuntimeError):
-    """``data.strict=true``: a sample or shard could not be read (the message names it)."""
 
 
 # ----------------------------------------------------------------------------- manifest
@@ -77,6 +86,11 @@ class Manifest:
     image_size: tuple[int, int]  # (H, W)
     channels: int
     source: str
+
+    @property
+    def path(self) -> str:
+        """Where the manifest was read from: what error messages name."""
+        return resolve_url(self.root, MANIFEST)
 
     def shards(self, split: str) -> list[ShardInfo]:
         if split not in self.splits:
@@ -97,7 +111,13 @@ class Manifest:
 
 
 def resolve_url(root: str, name: str) -> str:
-    """``root`` is a directory, a URL prefix, or a template with ``{name}`` (pipe: commands)."""
+    """``root`` is a directory, a URL prefix, or a template with ``{name}`` (pipe: commands).
+
+    In a ``pipe:`` command the name is shell-quoted: names are validated against the
+    writer's pattern already, but a command line is no place to rely on one check.
+    """
+    if root.startswith("pipe:"):
+        name = shlex.quote(name)
     if "{name}" in root:
         return root.replace("{name}", name)
     if "://" in root or root.startswith("pipe:"):
@@ -125,10 +145,15 @@ def read_manifest(root: str | Path) -> Manifest:
         raw = json.loads(text)
         if raw.get("format_version") != MANIFEST_VERSION:
             raise ValueError(f"format_version {raw.get('format_version')!r}, expected {MANIFEST_VERSION}")
-        splits = {}
+        splits, seen = {}, set()
         for split, entry in raw["splits"].items():
-            shards = [ShardInfo(s["name"], resolve_url(root, s["name"]), int(s["num_samples"]),
-                                s.get("sha256", "")) for s in entry["shards"]]
+            shards = []
+            for e in (integrity.shard_entry(split, s) for s in entry["shards"]):
+                if e["name"] in seen:
+                    raise ValueError(f"shard {e['name']} is listed twice")
+                seen.add(e["name"])
+                shards.append(ShardInfo(e["name"], resolve_url(root, e["name"]), e["num_samples"],
+                                        e["sha256"], e["size"]))
             if sum(s.num_samples for s in shards) != int(entry["num_samples"]):
                 raise ValueError(f"split {split!r}: shard counts do not add up to num_samples")
             splits[split] = shards
@@ -160,14 +185,19 @@ def select_shards(shards: list[ShardInfo], spec: str) -> list[ShardInfo]:
 
 
 class _Stats:
-    """Counters of one loader process; each batch carries the change since the last one."""
+    """Counters of one loader process, and its one handler for damaged data (``bad``).
+
+    Each batch carries the change of the counters since the previous batch (``delta``).
+    """
 
     FIELDS = ("samples_skipped", "samples_padded", "samples_resumed_over", "shards_opened", "shards_failed")
 
-    def __init__(self):
+    def __init__(self, *, max_skipped_fraction: float = 0.0, num_planned: int = 0,
+                 who: str = "a loader process"):
         self.counts = dict.fromkeys(self.FIELDS, 0)
         self._sent = dict.fromkeys(self.FIELDS, 0)
         self.warnings = 0
+        self.max_skipped_fraction, self.num_planned, self.who = max_skipped_fraction, num_planned, who
 
     def delta(self) -> dict[str, int]:
         d = {k: self.counts[k] - self._sent[k] for k in self.FIELDS}
@@ -181,45 +211,88 @@ class _Stats:
         elif self.warnings == MAX_WARNINGS + 1:
             log.warning("further data warnings from this loader process are suppressed (see stats())")
 
+    def bad(self, message: str, *, num_samples: int, shard: bool, cause: BaseException | None = None) -> None:
+        """Damage that costs ``num_samples`` planned samples: raise, or (under a tolerance) skip them.
 
-def read_shards(slices: Iterator[ShardSlice], *, stats: _Stats, strict: bool,
+        ``shard``: the fault is a whole shard's (counted in ``shards_failed``), not one sample's.
+        The tolerance is per loader process, against the samples it planned to read, so it
+        is decided locally, with no collective, and the same way on every rank.
+        """
+        if self.max_skipped_fraction == 0:
+            raise CorruptDataError(message) from cause
+        self.counts["samples_skipped"] += num_samples
+        self.counts["shards_failed"] += int(shard)
+        skipped = self.counts["samples_skipped"]
+        if skipped > self.max_skipped_fraction * self.num_planned:
+            raise CorruptDataError(
+                f"{self.who} skipped {skipped} of its {self.num_planned} planned samples, more than "
+                f"data.max_skipped_fraction={self.max_skipped_fraction} allows; the last: {message}") from cause
+        self.warn(message + "; skipped")
+
+
+def read_shards(slices: Iterator[ShardSlice], *, stats: _Stats, verify: str,
                 give_up_after: int = 0) -> Iterator[dict]:
-    """tar stage: yield the raw samples (dicts of bytes) of each slice, in shard order.
+    """tar stage: check each shard against the manifest, yield the raw samples (dicts of bytes) of its slice.
 
-    A shard that cannot be opened, or ends early (truncated), costs the samples of the
-    slice that were not read; they are counted as skipped and the shard is named.
+    Damage goes to ``stats.bad`` and costs the slice's samples not yet yielded: all of them
+    when found before reading (missing file, wrong size or digest), the rest when found
+    while reading (truncated, unreadable), none when found after (a stream's digest, a
+    sample beyond the manifest's count: those samples were used, the shard is reported).
     ``give_up_after`` > 0 (resampled mode) stops an endless loop over unreadable shards.
     """
     empty_in_a_row = 0
     for sl in slices:
-        produced, error = 0, None
         stats.counts["shards_opened"] += 1
+        produced = [0]
         try:
-            with gopen(sl.url) as stream:
-                files = tar_file_expander([{"url": sl.url, "stream": stream}])
-                for i, sample in enumerate(group_by_keys(files)):
-                    if i >= sl.stop:
-                        break
-                    if i >= sl.start:
-                        produced += 1
-                        yield sample
-        except Exception as exc:  # unreadable or truncated shard: named below
-            error = exc
-        missing = sl.stop - sl.start - produced
-        if missing == 0 and error is not None:
-            # e.g. ``pipe:curl`` exiting non-zero because we closed the pipe after our range
-            log.debug("shard %s: %s after its samples were read; ignored", sl.url, _reason(error))
-        elif missing > 0:
-            why = "shard ended early" if error is None else f"{type(error).__name__}: {_reason(error)}"
-            message = f"shard {sl.url}: {missing} of samples {sl.start}..{sl.stop - 1} unreadable ({why})"
-            if strict:
-                raise CorruptDataError(message) from error
-            stats.counts["shards_failed"] += 1
-            stats.counts["samples_skipped"] += missing
-            stats.warn(message + "; skipped")
-        empty_in_a_row = 0 if produced else empty_in_a_row + 1
+            yield from _slice_samples(sl, verify, produced)
+        except CorruptDataError as exc:
+            stats.bad(str(exc), num_samples=sl.stop - sl.start - produced[0], shard=True, cause=exc)
+        except Exception as exc:  # unreadable or truncated tar: named below
+            missing = sl.stop - sl.start - produced[0]
+            if missing == 0:
+                # e.g. ``pipe:curl`` exiting non-zero because we closed the pipe after our range
+                log.debug("shard %s: %s after its samples were read; ignored", sl.url, _reason(exc))
+            else:
+                stats.bad(f"shard {sl.url}: {missing} of samples {sl.start}..{sl.stop - 1} unreadable "
+                          f"({type(exc).__name__}: {_reason(exc)})", num_samples=missing, shard=True, cause=exc)
+        empty_in_a_row = 0 if produced[0] else empty_in_a_row + 1
         if give_up_after and empty_in_a_row >= give_up_after:
-            raise RuntimeError(f"{empty_in_a_row} shards in a row gave no readable sample (last: {sl.url})")
+            raise CorruptDataError(f"{empty_in_a_row} shards in a row gave no readable sample (last: {sl.url})")
+
+
+def _slice_samples(sl: ShardSlice, verify: str, produced: list[int]) -> Iterator[dict]:
+    """The samples ``sl.start .. sl.stop-1`` of one verified shard; ``produced[0]`` counts them."""
+    shard = sl.shard
+    local = integrity.is_local(shard.url)
+    if local:
+        integrity.check_local(shard, verify)  # before the first sample is used
+    with gopen(shard.url) as raw:
+        stream = raw if local or verify == "off" else integrity.StreamCheck(raw, shard, verify)
+        samples = group_by_keys(tar_file_expander([{"url": shard.url, "stream": stream}]))
+        position = 0
+        for sample in samples:
+            if position >= sl.start:
+                produced[0] += 1
+                yield sample
+            position += 1
+            if position == sl.stop:
+                break
+        if position < sl.stop:
+            raise CorruptDataError(f"shard {shard.url}: ended after {position} samples but manifest.json lists "
+                                   f"{shard.num_samples} (truncated?)")
+        if sl.ends_shard:  # the manifest's count is checkable here for the price of one header
+            try:
+                extra = next(samples, None)
+            except Exception as exc:
+                raise CorruptDataError(f"shard {shard.url}: unreadable after its {shard.num_samples} samples "
+                                       f"({type(exc).__name__}: {_reason(exc)})") from exc
+            if extra is not None:
+                raise CorruptDataError(
+                    f"shard {shard.url}: holds more than the {shard.num_samples} samples manifest.json lists "
+                    f"(sample {extra.get('__key__')!r} follows them): the manifest does not describe this shard")
+        if isinstance(stream, integrity.StreamCheck):
+            stream.finish()
 
 
 def _reason(exc: Exception) -> str:
@@ -266,8 +339,8 @@ def decode_image(data: bytes, ext: str, channels: int, size: tuple[int, int]) ->
 
 
 def decode_samples(samples: Iterator[dict], *, channels: int, size: tuple[int, int], num_classes: int,
-                   strict: bool, stats: _Stats) -> Iterator[tuple[np.ndarray, int, str]]:
-    """decode stage, with the named bad-sample handler: skip + count + warn, or raise."""
+                   stats: _Stats) -> Iterator[tuple[np.ndarray, int, str]]:
+    """decode stage; an undecodable sample goes to the bad-data handler ``stats.bad``."""
     for sample in samples:
         key, url = sample.get("__key__"), sample.get("__url__")
         try:
@@ -279,11 +352,8 @@ def decode_samples(samples: Iterator[dict], *, channels: int, size: tuple[int, i
             if not 0 <= label < num_classes:
                 raise ValueError(f"label {label} outside 0..{num_classes - 1}")
         except Exception as exc:  # PIL raises many types for bad bytes
-            message = f"corrupt sample {key!r} in shard {url}: {type(exc).__name__}: {exc}"
-            if strict:
-                raise CorruptDataError(message) from exc
-            stats.counts["samples_skipped"] += 1
-            stats.warn(message + "; skipped")
+            stats.bad(f"corrupt sample {key!r} in shard {url}: {type(exc).__name__}: {exc}",
+                      num_samples=1, shard=False, cause=exc)
             continue
         yield image_CHW, label, key
 
@@ -310,13 +380,20 @@ def augment_samples(samples: Iterator, *, padding: int, hflip: bool, seed: str) 
 
 
 def fixed_batches(samples: Iterator, *, num_batches: int, batch_size: int, shape_CHW: tuple[int, int, int],
-                  mean: list[float], std: list[float], pad_mode: str, stats: _Stats) -> Iterator[tuple]:
+                  mean: list[float], std: list[float], pad_mode: str, stats: _Stats,
+                  finite: bool = True) -> Iterator[tuple]:
     """batch stage: exactly ``num_batches`` batches of ``batch_size``, whatever arrives.
 
-    A short stream (corrupt/missing samples) is padded so the rank still takes the
-    planned number of steps: ``pad_mode="reuse"`` (train) repeats the most recent real
-    samples of this process, ``"invalid"`` (eval) adds zero images with ``valid=False``.
-    Yields ``(images_BCHW float32 normalised, labels_B int64, valid_B bool, stats delta)``.
+    A short stream (samples skipped under ``data.max_skipped_fraction``; eval ranks with
+    a smaller share) is padded so the rank still takes the planned number of steps:
+    ``pad_mode="reuse"`` (train) repeats the most recent real samples of this process,
+    ``"invalid"`` (eval) adds zero images with ``valid=False``. Yields ``(images_BCHW float32
+    normalised, labels_B int64, valid_B bool, stats delta, new shard digests)``.
+
+    ``finite`` (all but resampled mode): before the last batch goes out, pull once past the
+    plan. Without a shuffle buffer nothing else would resume the tar stage after its last
+    sample, so the checks that run there (the manifest's count, a stream's digest) would be
+    skipped for every process's last shard.
     """
     samples = iter(samples)
     # (x / 255 - mean) / std == x * scale - shift: two in-place passes, in numpy because
@@ -324,8 +401,10 @@ def fixed_batches(samples: Iterator, *, num_batches: int, batch_size: int, shape
     scale_C11 = np.array([1.0 / (255.0 * s) for s in std], dtype=np.float32).reshape(-1, 1, 1)
     shift_C11 = np.array([m / s for m, s in zip(mean, std)], dtype=np.float32).reshape(-1, 1, 1)
     recent: deque = deque(maxlen=batch_size)
-    for _ in range(num_batches):
+    for k in range(num_batches):
         batch = [(img, label, True) for img, label, _key in itertools.islice(samples, batch_size)]
+        if finite and k == num_batches - 1 and next(samples, None) is not None:
+            raise RuntimeError("a loader process got more samples than its planned batches")  # invariant
         recent.extend(batch)
         short = batch_size - len(batch)
         if short and pad_mode == "reuse":
@@ -345,7 +424,7 @@ def fixed_batches(samples: Iterator, *, num_batches: int, batch_size: int, shape
         valid_B = torch.tensor([b[2] for b in batch], dtype=torch.bool)
         if pad_mode == "invalid":
             images_BCHW[~valid_B] = 0.0
-        yield images_BCHW, labels_B, valid_B, stats.delta()
+        yield images_BCHW, labels_B, valid_B, stats.delta(), integrity.take_new_digests()
 
 
 # ----------------------------------------------------------------------------- loaders
@@ -362,7 +441,9 @@ class _StreamOptions:
     hflip: bool
     mean: list[float]
     std: list[float]
-    strict: bool
+    verify: str  # data.verify
+    max_skipped_fraction: float
+    rank: int  # for messages
     pad_mode: str  # "reuse" (train) or "invalid" (eval)
     augment_seed: str
     resample_from: tuple[ShardInfo, ...] = ()  # non-empty: resampled mode
@@ -379,22 +460,24 @@ class _PlannedStream(IterableDataset):
 
     def __iter__(self):
         info = get_worker_info()
-        plan = self.plans[((info.id if info else 0) + self.rotate) % len(self.plans)]
-        return iter(self.pipeline(plan))
+        index = ((info.id if info else 0) + self.rotate) % len(self.plans)
+        return iter(self.pipeline(self.plans[index], index))
 
-    def pipeline(self, plan: WorkerPlan) -> wds.DataPipeline:
-        o, stats = self.opts, _Stats()
+    def pipeline(self, plan: WorkerPlan, index: int = 0) -> wds.DataPipeline:
+        o = self.opts
+        stats = _Stats(max_skipped_fraction=o.max_skipped_fraction, num_planned=plan.num_samples,
+                       who=f"rank {o.rank} loader process {index}")
         return wds.DataPipeline(
             partial(self._shard_slices, plan),  # shuffled by (seed, epoch), split by rank and worker
-            partial(read_shards, stats=stats, strict=o.strict, give_up_after=2 * len(o.resample_from)),
+            partial(read_shards, stats=stats, verify=o.verify, give_up_after=2 * len(o.resample_from)),
             partial(shuffle_samples, bufsize=o.shuffle_buffer, seed=plan.seed),
             partial(skip_samples, count=plan.skip_samples, stats=stats),
             partial(decode_samples, channels=o.channels, size=o.image_size, num_classes=o.num_classes,
-                    strict=o.strict, stats=stats),
+                    stats=stats),
             partial(augment_samples, padding=o.padding, hflip=o.hflip, seed=o.augment_seed),
             partial(fixed_batches, num_batches=plan.num_batches, batch_size=o.batch_size,
                     shape_CHW=(o.channels, *o.image_size), mean=o.mean, std=o.std,
-                    pad_mode=o.pad_mode, stats=stats),
+                    pad_mode=o.pad_mode, stats=stats, finite=not o.resample_from),
         )
 
     def _shard_slices(self, plan: WorkerPlan) -> Iterator[ShardSlice]:
@@ -438,7 +521,8 @@ class _Loader:
         expected = self._num_batches - self._start_step
         batches = iter(loader)
         try:
-            for images_BCHW, labels_B, valid_B, delta in batches:
+            for images_BCHW, labels_B, valid_B, delta, digests in batches:
+                integrity.remember_digests(digests)  # the next epoch's loader processes inherit them
                 for k, v in delta.items():
                     self._stats[k] += v
                 self._stats["batches"] += 1
@@ -466,6 +550,7 @@ class TrainLoader(_Loader):
         super().__init__(cfg, manifest, rank, world_size)
         self.seed = seed
         self.shards = select_shards(manifest.shards(cfg.train_split), cfg.train_shards)
+        integrity.require_checkable(self.shards, cfg.verify, manifest.path)
         total = sum(s.num_samples for s in self.shards)
         nominal = cfg.samples_per_epoch if cfg.resampled and cfg.samples_per_epoch else total
         self._num_batches = (nominal // world_size) // cfg.batch_size
@@ -494,7 +579,8 @@ class TrainLoader(_Loader):
             channels=self.manifest.channels, image_size=self.manifest.image_size,
             num_classes=self.manifest.num_classes, batch_size=cfg.batch_size, shuffle_buffer=cfg.shuffle_buffer,
             padding=cfg.random_crop_padding, hflip=cfg.hflip, mean=list(cfg.mean), std=list(cfg.std),
-            strict=cfg.strict, pad_mode="reuse", augment_seed=f"augment/{self.seed}/{epoch}",
+            verify=cfg.verify, max_skipped_fraction=cfg.max_skipped_fraction, rank=self.rank,
+            pad_mode="reuse", augment_seed=f"augment/{self.seed}/{epoch}",
             resample_from=tuple(self.shards) if cfg.resampled else ())
         self._stream = _PlannedStream(plans, opts, rotate=start_step)
         self._start_step, self.epoch = start_step, epoch
@@ -515,12 +601,18 @@ class EvalLoader(_Loader):
     def __init__(self, cfg: DataConfig, manifest: Manifest, split: str, *, rank: int, world_size: int):
         super().__init__(cfg, manifest, rank, world_size)
         shards = manifest.shards(split)
+        if sum(s.num_samples for s in shards) == 0:
+            raise ValueError(f"{manifest.path}: split {split!r} has no samples, so there is nothing to evaluate; "
+                             f"point data.eval_split / data.val_split at a split with samples")
+        integrity.require_checkable(shards, cfg.verify, manifest.path)
+        self.split = split
         self._num_batches, plans = plan_eval(shards, rank=rank, world_size=world_size,
                                              batch_size=cfg.batch_size, num_workers=self.num_workers)
         opts = _StreamOptions(
             channels=manifest.channels, image_size=manifest.image_size, num_classes=manifest.num_classes,
             batch_size=cfg.batch_size, shuffle_buffer=0, padding=0, hflip=False, mean=list(cfg.mean), std=list(cfg.std),
-            strict=cfg.strict, pad_mode="invalid", augment_seed="")
+            verify=cfg.verify, max_skipped_fraction=cfg.max_skipped_fraction, rank=rank,
+            pad_mode="invalid", augment_seed="")
         self._stream = _PlannedStream(plans, opts)
         total = sum(s.num_samples for s in shards)
         self._planned = {"split_samples": total, "rank_samples": rank_range(total, rank, world_size)[1]}

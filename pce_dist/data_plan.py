@@ -22,14 +22,26 @@ class ShardInfo:
     name: str  # file name in the manifest, e.g. "train-000003.tar"
     url: str  # what gopen opens: a path, a URL or a pipe: command
     num_samples: int
-    sha256: str = ""
+    sha256: str = ""  # hex digest of the whole file; "" = the manifest has none
+    size: int | None = None  # bytes; None = a manifest written before sizes were recorded
 
 
 @dataclass(frozen=True)
 class ShardSlice:
-    url: str
+    """Samples ``start .. stop-1`` of one shard; the reader checks the shard against ``shard``."""
+
+    shard: ShardInfo
     start: int  # first sample ordinal in the shard
     stop: int  # one past the last
+
+    @property
+    def url(self) -> str:
+        return self.shard.url
+
+    @property
+    def ends_shard(self) -> bool:
+        """The slice runs to the shard's last sample (by the manifest): its reader can peek past it."""
+        return self.stop == self.shard.num_samples
 
 
 @dataclass(frozen=True)
@@ -40,6 +52,7 @@ class WorkerPlan:
     num_batches: int
     skip_samples: int  # resume: samples (post-shuffle, pre-decode) of already-trained batches
     seed: str  # shuffle-buffer / resampling seed of this process
+    num_samples: int = 0  # samples it reads (resumed-over ones included): the base of data.max_skipped_fraction
 
 
 def shuffled_shards(shards: list[ShardInfo], seed: int, epoch: int) -> list[ShardInfo]:
@@ -54,7 +67,7 @@ def slice_range(shards: list[ShardInfo], lo: int, hi: int) -> list[ShardSlice]:
     for s in shards:
         a, b = max(lo, offset), min(hi, offset + s.num_samples)
         if a < b:
-            out.append(ShardSlice(s.url, a - offset, b - offset))
+            out.append(ShardSlice(s, a - offset, b - offset))
         offset += s.num_samples
         if offset >= hi:
             break
@@ -92,7 +105,7 @@ def plan_train(shards: list[ShardInfo], *, num_batches: int, rank: int, world_si
     for w in range(W):
         slices = () if resampled else tuple(slice_range(order, first, first + counts[w] * B))
         plans.append(WorkerPlan(slices, counts[w] - skips[w], skips[w] * B,
-                                seed=f"{seed}/{epoch}/{rank}/{world_size}/{w}/{W}"))
+                                seed=f"{seed}/{epoch}/{rank}/{world_size}/{w}/{W}", num_samples=counts[w] * B))
         first += counts[w] * B
     return plans
 
@@ -109,7 +122,8 @@ def plan_eval(shards: list[ShardInfo], *, rank: int, world_size: int, batch_size
     plans, offset = [], 0
     for n in batches_per_worker(num_batches, W):
         lo, hi = min(count, offset), min(count, offset + n * B)
-        plans.append(WorkerPlan(tuple(slice_range(shards, first + lo, first + hi)), n, 0, seed=""))
+        plans.append(WorkerPlan(tuple(slice_range(shards, first + lo, first + hi)), n, 0, seed="",
+                                num_samples=hi - lo))
         offset += n * B
     return num_batches, plans
 
@@ -120,4 +134,4 @@ def resampled_slices(shards: tuple[ShardInfo, ...], *, seed: str) -> Iterator[Sh
     rng, weights = random.Random(f"resample/{seed}"), [s.num_samples for s in shards]
     while True:
         s = rng.choices(shards, weights)[0]
-        yield ShardSlice(s.url, 0, s.num_samples)
+        yield ShardSlice(s, 0, s.num_samples)

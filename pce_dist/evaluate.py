@@ -1,12 +1,16 @@
-"""Evaluate an exported model on one process: ``python -m pce_dist.evaluate MODEL.pt``.
+"""Evaluate an exported model on one process: ``python -m pce_dist.evaluate MODEL``.
 
-    python -m pce_dist.evaluate MODEL.pt [--data-root DIR] [--split test] [--batch-size N] [--json]
+    python -m pce_dist.evaluate MODEL.safetensors|MODEL.pt [--data-root DIR] [--split test] [--batch-size N] [--json]
 
 Uses the same data pipeline (``pce_dist.data``) and the same metric arithmetic
 (``pce_dist.evaluation``) as the distributed trainer, so the numbers are comparable. Also
 prints what one image costs (``pce_dist.flops``: total and active parameters, forward
 FLOPs, experts per patch), measured on the split's first batch with the trained routing --
 the numbers that put a PCE run and its dense baseline side by side.
+
+The model is read by ``pce_dist.export.load_exported``, which unpickles nothing but tensors:
+a file that needs more is refused and the command exits with status 2 naming it, as it
+does for a missing file or data root.
 """
 
 from __future__ import annotations
@@ -55,7 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--json", action="store_true", help="print every metric as one JSON object")
     args = ap.parse_args(argv)
-    metrics = evaluate_file(args.model, data_root=args.data_root, split=args.split, batch_size=args.batch_size)
+    try:
+        metrics = evaluate_file(args.model, data_root=args.data_root, split=args.split, batch_size=args.batch_size)
+    except (ValueError, FileNotFoundError) as exc:  # a refused or unreadable model, a bad data root
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(metrics, indent=1))
     else:

@@ -3,7 +3,8 @@
 ``accumulate`` runs a model over an evaluation loader and keeps device-side sums (masked
 by ``valid``, so padding samples that equalise ranks count for nothing); ``metrics`` turns
 the (possibly all-reduced) sums into named metrics. Splitting the two lets the trainer
-all-reduce between them, once per evaluation.
+all-reduce between them, once per evaluation. An evaluation that counted no valid sample
+is an error in ``metrics``, after the all-reduce: one rank may rightly hold none.
 """
 
 from __future__ import annotations
@@ -44,10 +45,18 @@ def accumulate(forward: Callable[[torch.Tensor], PCEOutput], loader: Iterable, *
     return sums, layer_sums, cm_KK.view(num_classes, num_classes)
 
 
-def metrics(sums: torch.Tensor, layer_sums: torch.Tensor, *, prefix: str, collapse_usage: float) -> dict[str, float]:
+def metrics(sums: torch.Tensor, layer_sums: torch.Tensor, *, prefix: str, collapse_usage: float,
+            split: str = "") -> dict[str, float]:
+    """Named metrics from the (all-reduced) sums of ``accumulate``.
+
+    Raises ``ValueError`` naming ``split`` (default: ``prefix``) when no valid sample was
+    counted: an accuracy over zero samples would read as a real (terrible) result.
+    """
     loss, correct, count = sums.tolist()
-    out = {f"{prefix}/loss": loss / max(count, 1.0), f"{prefix}/accuracy": correct / max(count, 1.0),
-           f"{prefix}/samples": count}
+    if count <= 0:
+        raise ValueError(f"evaluation of split {split or prefix!r} saw no valid sample (on any rank): "
+                         f"nothing to report; check the split in manifest.json and the data warnings above")
+    out = {f"{prefix}/loss": loss / count, f"{prefix}/accuracy": correct / count, f"{prefix}/samples": count}
     for layer, row in enumerate(layer_sums.tolist()):
         items = max(row[2], 1.0)
         usage = [u / items for u in row[3:]]

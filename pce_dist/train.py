@@ -3,6 +3,14 @@ hands them to the ``Trainer``. Both launchers (``launch/local.py``, ``launch/slu
 call this function in every rank; it reads its rank from the environment via ``DistEnv``.
 
     python -m pce_dist.train [--config configs/X.yaml] [--output-dir DIR] [key=value ...]
+
+Exit codes: 0 finished, 2 bad config (the key is named, before any collective), 3 stopped
+by a signal after a checkpoint (``pce_dist.stop``; the same command resumes), 1 anything
+else -- a failed collective names the rank that stopped responding (heartbeats).
+
+Secrets: the config in memory keeps the live values (a tracking URI with a password, a
+signed data URL); everything written -- ``config.yaml``, MLflow params, checkpoint
+metadata, every log line -- goes through ``pce_dist.redact``.
 """
 
 from __future__ import annotations
@@ -10,15 +18,17 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .config import RunConfig, load_config, to_yaml
+from . import stop as stop_signals
+from .config import RunConfig, load_config, to_dict, to_yaml, validate_world
 from .distributed.env import DistEnv
+from .distributed.heartbeat import Heartbeat, diagnose, heartbeat_dir
+from .redact import install_log_filter, secret_values
 
 log = logging.getLogger("pce_dist")
 
@@ -39,12 +49,14 @@ def parse_args(argv: list[str] | None) -> tuple[str | None, list[str]]:
     return args.config, overrides
 
 
-def setup_logging(env: DistEnv) -> None:
+def setup_logging(env: DistEnv, cfg: RunConfig | None = None) -> None:
+    """Rank 0 at INFO, others at WARNING; every record redacted (``pce_dist.redact``)."""
     level = logging.INFO if env.is_main else logging.WARNING
     logging.basicConfig(level=level, format=f"[rank {env.rank}] %(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", force=True)
     for noisy in ("deepspeed", "DeepSpeed", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    install_log_filter(secret_values(to_dict(cfg)) if cfg is not None else set())
 
 
 def ensure_data(cfg: RunConfig, env: DistEnv) -> None:
@@ -119,13 +131,55 @@ class RunResult:
     checkpoint: str | None  # the newest complete checkpoint
 
 
-def run(cfg: RunConfig, env: DistEnv, stop_signals: tuple[int, ...] = (signal.SIGUSR1,)) -> RunResult:
+class PeerFailure(RuntimeError):
+    """A collective failed because another rank stopped responding; the message names it."""
+
+
+_COLLECTIVE_FAILURE_WORDS = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe",
+                             "gloo", "nccl", "socket")
+
+
+def _is_collective_failure(exc: BaseException) -> bool:
+    """A torch.distributed error, or a RuntimeError whose text says a peer went away."""
+    dist_error = getattr(torch.distributed, "DistError", ())
+    if dist_error and isinstance(exc, dist_error):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(word in text for word in _COLLECTIVE_FAILURE_WORDS)
+
+
+def _explain_collective_failure(exc: BaseException, cfg: RunConfig, env: DistEnv) -> str | None:
+    """Who this rank was waiting for, from the heartbeats; ``None`` if nothing points at a rank."""
+    if env.world_size == 1 or not _is_collective_failure(exc):
+        return None
+    return diagnose(heartbeat_dir(cfg.output_dir), env.world_size, 3 * cfg.dist.heartbeat_s, exclude=env.rank)
+
+
+def run(cfg: RunConfig, env: DistEnv, stop: stop_signals.StopRequest | None = None) -> RunResult:
     """Build everything for ``cfg`` and train.
 
-    Any of ``stop_signals`` (delivered to any rank) makes all ranks agree at the next log
-    interval, write a checkpoint and return with status "STOPPED"; a later ``run`` with
-    the same ``output_dir`` resumes from it.
+    A stop request (``pce_dist.stop``: SIGUSR1/SIGUSR2/SIGTERM to any rank) makes all ranks
+    agree at the next log interval, write a checkpoint, skip the final evaluation and return
+    with status "STOPPED"; a later ``run`` with the same ``output_dir`` resumes from it.
+    ``stop`` defaults to the process's ``pce_dist.stop.STOP`` (whose handlers the entry
+    point installed first thing).
     """
+    stop = stop or stop_signals.STOP
+    heartbeat = Heartbeat(heartbeat_dir(cfg.output_dir), env.rank, cfg.dist.heartbeat_s).start()
+    try:
+        return _run(cfg, env, stop, heartbeat)
+    except Exception as exc:
+        why = _explain_collective_failure(exc, cfg, env)
+        if why is None:
+            raise
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        log.error("rank %d: a collective failed (%s: %s) because %s", env.rank, type(exc).__name__, first_line, why)
+        raise PeerFailure(f"rank {env.rank} gave up waiting: {why}") from exc
+    finally:
+        heartbeat.close()
+
+
+def _run(cfg: RunConfig, env: DistEnv, stop: stop_signals.StopRequest, heartbeat: Heartbeat) -> RunResult:
     from .checkpoint import Checkpointer
     from .engine import build_engine
     from .tracking import Tracker
@@ -134,12 +188,10 @@ def run(cfg: RunConfig, env: DistEnv, stop_signals: tuple[int, ...] = (signal.SI
     run_dir = Path(cfg.output_dir).resolve()
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))  # redacted
     ensure_data(cfg, env)
     data = ShardData(cfg, env)
     checkpointer = Checkpointer(cfg, env, run_dir)
-    for signum in stop_signals:
-        signal.signal(signum, checkpointer.request_stop)
     resume = checkpointer.find_resume()
     model = build_model_for(cfg, env)
     _, _, total_steps = schedule_length(cfg, data.steps_per_epoch())  # the LR schedule's length
@@ -151,15 +203,23 @@ def run(cfg: RunConfig, env: DistEnv, stop_signals: tuple[int, ...] = (signal.SI
     status = "FAILED"
     try:
         trainer = Trainer(cfg, env, model, engine, data, tracker, checkpointer, state=state,
-                          should_stop=checkpointer.stop_requested)
+                          should_stop=lambda: stop.requested, on_progress=heartbeat.beat)
         metrics = trainer.fit()
-        if cfg.data.val_split and not checkpointer.stop_requested():
+        # One decision for every rank: a stop agreed inside fit(), or one that arrived after
+        # its last agreement (the final checkpoint is written; the evaluation is skipped).
+        stopped = trainer.stopped or env.all_reduce_flag(stop.requested)
+        if cfg.data.val_split and not stopped:
             metrics = trainer.evaluate(cfg.data.eval_split)
-        status = "STOPPED" if checkpointer.stop_requested() else "FINISHED"
+        status = "STOPPED" if stopped else "FINISHED"
+        by = env.all_gather_object(stop.name) if stopped else []
         if env.is_main:
             acc = metrics.get("eval/accuracy")
-            print(f"\n{cfg.data.eval_split} accuracy: {acc:.4f}" if status == "FINISHED" and acc is not None
-                  else f"\nstopped at step {trainer.state.global_step} after a checkpoint", flush=True)
+            if status == "FINISHED" and acc is not None:
+                print(f"\n{cfg.data.eval_split} accuracy: {acc:.4f}", flush=True)
+            else:
+                who = ", ".join(f"{name} on rank {r}" for r, name in enumerate(by) if name) or "a stop request"
+                print(f"\nstopped by {who} at step {trainer.state.global_step} after checkpoint "
+                      f"{checkpointer.last_saved}; run the same command to resume", flush=True)
             print(f"MLflow run: {tracker.run_id} ({tracker.tracking_uri})", flush=True)
             print(f"checkpoints: {checkpointer.root}", flush=True)
         return RunResult(status=status, metrics=metrics, run_id=tracker.run_id,
@@ -170,15 +230,22 @@ def run(cfg: RunConfig, env: DistEnv, stop_signals: tuple[int, ...] = (signal.SI
 
 
 def main(argv: list[str] | None = None) -> int:
+    stop = stop_signals.install()  # first: no stop signal may meet Python's default action
     config_path, overrides = parse_args(argv if argv is not None else sys.argv[1:])
-    cfg = load_config(config_path, overrides)
-    env = DistEnv.from_environ(cfg.dist).init()
-    setup_logging(env)
     try:
-        result = run(cfg, env)
+        cfg = load_config(config_path, overrides)
+        env = DistEnv.from_environ(cfg.dist)
+        validate_world(cfg, env.world_size)
+    except ValueError as exc:
+        print(f"pce_dist.train: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    env.init()
+    setup_logging(env, cfg)
+    try:
+        result = run(cfg, env, stop)
     finally:
         env.destroy()
-    return 0 if result.status == "FINISHED" else 3  # 3: stopped by a signal after a checkpoint
+    return 0 if result.status == "FINISHED" else stop_signals.EXIT_STOPPED
 
 
 if __name__ == "__main__":

@@ -80,11 +80,21 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, env: DistEnv, model: PCENet, engine: Any, data: DataSource,
                  tracker: Any, checkpointer: Any = None, state: TrainState | None = None,
-                 should_stop: Callable[[], bool] | None = None) -> None:
+                 should_stop: Callable[[], bool] | None = None,
+                 on_progress: Callable[[int, str], None] | None = None) -> None:
+        """Args:
+            should_stop: this rank's view of a stop request (``pce_dist.stop``); the ranks
+                agree on it at every log interval, checkpoint and leave ``fit`` with
+                ``self.stopped`` set on every rank alike.
+            on_progress: ``(global_step, phase)`` at every optimizer step and phase change
+                (the heartbeat: an attribute store, no I/O).
+        """
         self.cfg, self.env, self.model, self.engine, self.data = cfg, env, model, engine, data
         self.tracker, self.checkpointer = tracker, checkpointer
         self.state = state or TrainState()
         self.should_stop = should_stop or (lambda: False)
+        self.on_progress = on_progress or (lambda step, phase: None)
+        self.stopped = False  # set on every rank at once, by the agreed decision
         self.device = env.device
         self.dtype = torch.bfloat16 if resolve_precision(cfg, env) == "bf16" else torch.float32
         self.micro_per_epoch, self.num_epochs, self.total_steps = schedule_length(cfg, data.steps_per_epoch())
@@ -183,12 +193,21 @@ class Trainer:
     # ------------------------------------------------------------------ training
 
     def fit(self) -> dict[str, float]:
+        """Train to the end of the schedule, or until a stop is agreed (``self.stopped``).
+
+        Returns the metrics of the last evaluation of the validation (else eval) split.
+        """
         if not self.state.keys_initialised and self.model.routers():
+            self.on_progress(self.state.global_step, "key init")
             self.init_keys()
         while self.state.epoch < self.num_epochs and self.state.global_step < self.total_steps:
+            self.on_progress(self.state.global_step, f"epoch {self.state.epoch}")
             stopped = self.train_epoch(self.state.epoch)
             if stopped:
+                self.stopped = True
                 return self.last_eval
+            self._report_data(self.state.epoch)
+            self.on_progress(self.state.global_step, "evaluation")
             if (self.state.epoch + 1) % self.cfg.train.eval_every_epochs == 0 or \
                     self.state.epoch + 1 == self.num_epochs or self.state.global_step >= self.total_steps:
                 self.evaluate(self.cfg.data.val_split or self.cfg.data.eval_split)
@@ -252,6 +271,7 @@ class Trainer:
                     model.normalize_keys()  # trained keys are projected back onto the unit sphere
                 self._sync_keys()
                 self.state.global_step += 1
+                self.on_progress(self.state.global_step, "train")
                 if self.state.global_step % cfg.train.log_every_steps == 0:
                     self._log_train(acc, bar)
                     acc = self._new_accumulators()
@@ -269,6 +289,23 @@ class Trainer:
         if bar is not None:
             bar.close()
         return False
+
+    DATA_COUNTS = ("samples_skipped", "samples_padded", "shards_failed")
+
+    def _report_data(self, epoch: int) -> None:
+        """Damaged data tolerated under ``data.max_skipped_fraction``: one all-reduce per epoch,
+        a warning on rank 0's console and ``data/*`` metrics -- never only a per-rank log."""
+        stats = getattr(self.data, "stats", lambda: {})()
+        counts = torch.tensor([float(stats.get(k, 0)) for k in self.DATA_COUNTS], device=self.device)
+        totals = dict(zip(self.DATA_COUNTS, self._all_reduce(counts).tolist()))
+        if not any(totals.values()):
+            return
+        self.tracker.log_metrics({f"data/{k}": v for k, v in totals.items()}, step=self.state.global_step)
+        if self.env.is_main:
+            log.warning("data: epoch %d: %d samples skipped, %d padded with repeats, %d shards failed over all "
+                        "ranks (tolerated by data.max_skipped_fraction=%g; the rank logs name the shards)", epoch,
+                        totals["samples_skipped"], totals["samples_padded"], totals["shards_failed"],
+                        self.cfg.data.max_skipped_fraction)
 
     def _sync_keys(self) -> None:
         if self.model.routers():
@@ -340,7 +377,7 @@ class Trainer:
             self.engine, self.data.eval_loader(split), device=self.device, dtype=self.dtype,
             num_layers=len(model.routers()), num_experts=cfg.model.num_experts, num_classes=cfg.model.num_classes)
         prefix = "eval" if split == cfg.data.eval_split else split
-        metrics = evaluation.metrics(self._all_reduce(sums), self._all_reduce(layer_sums), prefix=prefix,
+        metrics = evaluation.metrics(self._all_reduce(sums), self._all_reduce(layer_sums), prefix=prefix, split=split,
                                      collapse_usage=cfg.model.collapse_usage)
         cm_KK = self._all_reduce(cm_KK)
         data_stats = getattr(self.data, "stats", lambda: {})()

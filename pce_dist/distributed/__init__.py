@@ -1,6 +1,21 @@
-"""Process layout and process groups (``DistEnv``); the patch dispatcher lives beside it."""
+"""Process layout and process groups (``DistEnv``); the patch dispatcher lives beside it.
 
-from pce_dist.distributed.env import DistEnv, free_port
-from pce_dist.distributed.slurm import expand_nodelist, slurm_first_host, slurm_master_port
+Names are resolved lazily (PEP 562): the launchers import the stdlib-only submodules
+(``heartbeat``, ``rendezvous``, ``slurm``) without paying for torch.
+"""
 
-__all__ = ["DistEnv", "expand_nodelist", "free_port", "slurm_first_host", "slurm_master_port"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {"DistEnv": "env", "free_port": "rendezvous", "expand_nodelist": "slurm",
+            "slurm_first_host": "slurm", "slurm_master_port": "slurm"}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 from collections.abc import Mapping
 from typing import Any
 
@@ -39,16 +38,10 @@ import torch
 import torch.distributed as dist
 
 from pce_dist.config import DistConfig
+from pce_dist.distributed.rendezvous import free_port, listen_socket, pin_loopback_transports
 from pce_dist.distributed.slurm import slurm_first_host, slurm_master_port
 
 _BACKENDS = ("auto", "gloo", "nccl")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (the OS picks it; a race is possible but rare)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _env_int(environ: Mapping[str, str], *names: str) -> int:
@@ -238,13 +231,9 @@ class DistEnv:
         self._export_environ()
         if self.world_size > 1:
             if not dist.is_initialized():
-                dist.init_process_group(
-                    backend=self.backend,
-                    init_method=f"tcp://{self.master_addr}:{self.master_port}",
-                    rank=self.rank,
-                    world_size=self.world_size,
-                    timeout=self.timeout,
-                )
+                pin_loopback_transports(self.master_addr)
+                dist.init_process_group(backend=self.backend, store=self._store(), rank=self.rank,
+                                        world_size=self.world_size, timeout=self.timeout)
                 self._owns_process_group = True
             elif dist.get_world_size() != self.world_size or dist.get_rank() != self.rank:
                 raise RuntimeError(
@@ -253,6 +242,14 @@ class DistEnv:
             self._build_groups()
         self._initialized = True
         return self
+
+    def _store(self) -> Any:
+        """The rendezvous store; rank 0 listens on MASTER_ADDR only (``rendezvous`` module)."""
+        if self.rank == 0:
+            sock = listen_socket(self.master_addr, self.master_port)
+            return dist.TCPStore(self.master_addr, self.master_port, self.world_size, True, self.timeout,
+                                 wait_for_workers=False, master_listen_fd=sock.detach())
+        return dist.TCPStore(self.master_addr, self.master_port, self.world_size, False, self.timeout)
 
     def _new_group(self, ranks: list[int]) -> Any:
         if len(ranks) == self.world_size:

@@ -1,19 +1,22 @@
 """Sharded checkpoints: resharding across world sizes, crash-safety, refusal of what cannot
-be carried. (Kill-and-resume of a real launcher run lives in tests/e2e/test_resume.py.)"""
+be carried, checksums, the older format. (Kill-and-resume of a real launcher run lives in
+tests/e2e/test_resume.py; damaged files and pickle payloads in tests/faults.)"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from multiproc import RankFailed, spawn
 from test_training import EXACT, GLOBAL_BATCH, InMemoryData, NullTracker
 
-from pce_dist.checkpoint import Checkpointer
+from pce_dist.checkpoint import Checkpointer, _deepspeed_optimizer_globals
 from pce_dist.config import load_config
 from pce_dist.distributed import DistEnv
 from pce_dist.engine import build_engine
@@ -139,16 +142,53 @@ def test_incompatible_config_is_refused(tmp_path):
 
 
 def test_partitioned_optimizer_state_refuses_other_layout(tmp_path):
+    """ZeRO-1 (ZeRO-2 writes the same state_dict keys and classes: DeepSpeed's stage_1_and_2)."""
     run_dir = tmp_path / "run"
-    spawn(_train_and_save, 2, args=(str(run_dir), ["dist.ep_size=2", "dist.zero_stage=1"], 2), timeout_s=120)
-    meta = json.loads((run_dir / "checkpoints" / "step_00000002" / "meta.json").read_text())
+    zero_stage = 1
+    zero = f"dist.zero_stage={zero_stage}"
+    spawn(_train_and_save, 2, args=(str(run_dir), ["dist.ep_size=2", zero], 2), timeout_s=120)
+    ckpt = run_dir / "checkpoints" / "step_00000002"
+    meta = json.loads((ckpt / "meta.json").read_text())
     assert meta["portable_optimizer"] is False
-    with pytest.raises(RankFailed, match="ZeRO stage 1, 2 ranks"):
-        spawn(_load_and_continue, 1, args=(str(run_dir), ["dist.zero_stage=1"], 4), timeout_s=60)
+    # each rank hashed its own files as it wrote them: the digests match the bytes on disk
+    assert sorted(meta["sha256"]) == sorted(p.name for p in ckpt.glob("*.pt")) and len(meta["sha256"]) == 7
+    for name, digest in meta["sha256"].items():
+        data = (ckpt / name).read_bytes()
+        assert (len(data), hashlib.sha256(data).hexdigest()) == (meta["files"][name], digest), name
+    # pinned to the installed DeepSpeed: exactly these classes are let through for zero_r*.pt
+    allowed = {f"{c.__module__}.{c.__qualname__}" for c in _deepspeed_optimizer_globals()}
+    assert set(torch.serialization.get_unsafe_globals_in_checkpoint(ckpt / "zero_r0.pt")) == allowed
+    for name in meta["files"]:
+        if not name.startswith("zero_r"):
+            assert torch.serialization.get_unsafe_globals_in_checkpoint(ckpt / name) == [], name
+    with pytest.raises(RankFailed, match=f"ZeRO stage {zero_stage}, 2 ranks"):
+        spawn(_load_and_continue, 1, args=(str(run_dir), [zero], 4), timeout_s=60)
     # the same layout resumes
-    results = spawn(_load_and_continue, 2, args=(str(run_dir), ["dist.ep_size=2", "dist.zero_stage=1"], 4),
-                    timeout_s=120)
+    results = spawn(_load_and_continue, 2, args=(str(run_dir), ["dist.ep_size=2", zero], 4), timeout_s=120)
     assert all(r["final_step"] == 4 for r in results)
+
+
+def _resume_numpy_draw(rank, world, run_dir):
+    cfg, env, model, engine, ckpt = _setup(world, run_dir, ["train.max_steps=4"])
+    state = ckpt.load(ckpt.find_resume(), model, engine)
+    return state.global_step, float(np.random.random_sample())
+
+
+def test_format1_checkpoint_without_checksums_still_loads(tmp_path):
+    """What the previous format wrote: sizes only, numpy's RNG state as its own ndarray tuple."""
+    run_dir = tmp_path / "run"
+    spawn(_train_and_save, 1, args=(str(run_dir), [], 2), timeout_s=120)
+    ckpt = run_dir / "checkpoints" / "step_00000002"
+    blob = torch.load(ckpt / "rank0.pt", weights_only=True)
+    blob["rng"]["numpy"] = np.random.RandomState(123).get_state()
+    torch.save(blob, ckpt / "rank0.pt")
+    meta = json.loads((ckpt / "meta.json").read_text())
+    meta["format"] = 1
+    del meta["sha256"]
+    meta["files"]["rank0.pt"] = (ckpt / "rank0.pt").stat().st_size
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    step, draw = spawn(_resume_numpy_draw, 1, args=(str(run_dir),), timeout_s=60)[0]
+    assert step == 2 and draw == np.random.RandomState(123).random_sample()
 
 
 def _norm_stats_before_and_after_sync(rank, world, run_dir):

@@ -1,8 +1,12 @@
-"""Tracker over two real ranks: one MLflow run whose id every rank shares; failures reach every rank."""
+"""Tracker over two real ranks: one MLflow run whose id every rank shares; failures reach every rank.
+
+Only rank 0 sends, from one background writer thread that ``finish`` ends.
+"""
 
 from __future__ import annotations
 
 import socket
+import threading
 from pathlib import Path
 
 from multiproc import spawn
@@ -14,6 +18,10 @@ from pce_dist.tracking import Tracker
 _ENV = {"MLFLOW_DISABLE_TELEMETRY": "true"}
 
 
+def _writers() -> int:
+    return sum(t.name == "pce-tracking-writer" for t in threading.enumerate())
+
+
 def _tracking_worker(rank: int, world_size: int, run_dir: str, uri: str) -> str:
     env = DistEnv.from_environ(DistConfig(timeout_s=60.0)).init()
     cfg = apply_overrides(RunConfig(), [f"tracking.tracking_uri={uri}", "tracking.experiment=two-ranks"])
@@ -21,10 +29,12 @@ def _tracking_worker(rank: int, world_size: int, run_dir: str, uri: str) -> str:
         tracker = Tracker.start(cfg, env, Path(run_dir))
     except RuntimeError as exc:
         return f"error: {exc}"
+    writers = _writers()
     for step in range(3):  # every rank calls; only rank 0 may write
         tracker.log_metrics({"train/loss": float(step), "rank": float(rank)}, step=step)
     tracker.finish()
     env.destroy()
+    assert writers == (1 if rank == 0 else 0) and _writers() == 0, (rank, writers, _writers())
     return tracker.run_id
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pce_dist import compare
-from pce_dist.tracking import fetch_runs, metric_goal
+from pce_dist.runs import fetch_runs, metric_goal
 
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")  # inside MLflow
 

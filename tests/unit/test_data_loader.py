@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -24,7 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # data_prep is a top-level dir; until pyproject packages it
     sys.path.insert(0, str(REPO))
 
-from data_prep.writer import encode_image, write_manifest, write_shard  # noqa: E402
+from data_prep.writer import encode_image, sha256_file, write_manifest, write_shard  # noqa: E402
 
 pytestmark = [pytest.mark.unit,  # more workers than this CI box has cores is deliberate here
               pytest.mark.filterwarnings("ignore:This DataLoader will create")]
@@ -48,7 +49,8 @@ def make_dataset(root: Path, sizes: dict[str, list[int]], bad: dict[int, bytes] 
             samples = ((f"s{i:06d}", bad.get(i, encode_image(id_image(i), "png")), i % NUM_CLASSES) for i in ids)
             name = f"{split}-{j:06d}.tar"
             write_shard(root / name, samples, "png")
-            shards.append({"name": name, "num_samples": n, "sha256": ""})
+            shards.append({"name": name, "num_samples": n, "size": (root / name).stat().st_size,
+                           "sha256": sha256_file(root / name)})
             next_id += n
         splits[split] = {"num_samples": sum(shard_sizes), "shards": shards}
     write_manifest(root, {"format_version": 1, "source": "test", "num_classes": NUM_CLASSES,
@@ -133,12 +135,12 @@ def test_resume_continues_without_repeats(uneven, num_workers, start_step):
 
 
 def test_resume_does_not_decode_the_skipped_samples(tmp_path):
-    """A corrupt sample inside the resumed-over range does not trip strict mode."""
+    """A corrupt sample inside the resumed-over range is not decoded, so it raises nothing."""
     sizes = {"train": [20, 20]}
     clean = make_dataset(tmp_path / "clean", sizes)
     first = train_ids(cfg_for(clean, num_workers=0, batch_size=4))[0][0]
     broken = make_dataset(tmp_path / "broken", sizes, bad={first[0]: b"not a png"})
-    cfg = cfg_for(broken, num_workers=0, batch_size=4, strict=True)
+    cfg = cfg_for(broken, num_workers=0, batch_size=4)
     rest, _ = train_ids(cfg, start_step=1)
     assert len(rest) == 9
     with pytest.raises(CorruptDataError):
@@ -202,9 +204,9 @@ def test_eval_exactly_once_with_equal_lengths(uneven, world_size, num_workers):
 # ----------------------------------------------------------------------------- corruption
 
 
-def test_corrupt_sample_is_skipped_counted_and_named(tmp_path, caplog):
+def test_corrupt_sample_is_skipped_counted_and_named_under_a_tolerance(tmp_path, caplog):
     root = make_dataset(tmp_path / "d", {"train": [10, 10], "test": [6]}, bad={3: b"\x89PNG\r\n\x1a\ngarbage", 22: b""})
-    cfg = cfg_for(root, num_workers=0, batch_size=4)
+    cfg = cfg_for(root, num_workers=0, batch_size=4, max_skipped_fraction=0.25)
     with caplog.at_level(logging.WARNING, logger="pce_dist.data"):
         batches, loader = train_ids(cfg)
     assert len(batches) == len(loader) == 5
@@ -221,28 +223,33 @@ def test_corrupt_sample_is_skipped_counted_and_named(tmp_path, caplog):
     assert eval_loader.stats()["samples_skipped"] == 1
 
     with pytest.raises(CorruptDataError, match=r"'s000003' in shard .*train-000000.tar"):
-        train_ids(cfg_for(root, num_workers=2, batch_size=4, strict=True))
+        train_ids(cfg_for(root, num_workers=2, batch_size=4))  # the default: no tolerance
 
 
-def test_truncated_and_missing_shards_keep_step_counts_equal(tmp_path, caplog):
+@pytest.mark.parametrize("verify", ["sha256", "off"])
+def test_truncated_and_missing_shards_keep_step_counts_equal_under_a_tolerance(tmp_path, caplog, verify):
     root = make_dataset(tmp_path / "d", {"train": [12, 12, 12, 12]})
     shard = root / "train-000001.tar"
     shard.write_bytes(shard.read_bytes()[:5000])  # cut inside a member
     (root / "train-000003.tar").unlink()
-    cfg = cfg_for(root, num_workers=0, batch_size=4, shuffle_buffer=0)
+    cfg = cfg_for(root, num_workers=0, batch_size=4, shuffle_buffer=0, max_skipped_fraction=0.9, verify=verify)
     total = Counter()
     with caplog.at_level(logging.WARNING, logger="pce_dist.data"):
         for rank in range(2):
             batches, loader = train_ids(cfg, rank=rank, world_size=2)
             assert len(batches) == len(loader) == 6
             total.update(loader.stats())
-    assert total["shards_failed"] == 2 and 12 < total["samples_skipped"] < 24
+    assert total["shards_failed"] == 2
+    if verify == "off":  # the readable head of the truncated shard is used
+        assert 12 < total["samples_skipped"] < 24
+    else:  # its size does not match the manifest: none of it is trusted
+        assert total["samples_skipped"] == 24
     assert total["samples_padded"] == total["samples_skipped"]
     assert "train-000001.tar" in caplog.text and "train-000003.tar" in caplog.text
 
     with pytest.raises(CorruptDataError, match=r"shard .*train-00000[13].tar"):
         for rank in range(2):
-            train_ids(cfg_for(root, num_workers=2, batch_size=4, strict=True), rank=rank, world_size=2)
+            train_ids(cfg_for(root, num_workers=2, batch_size=4, verify=verify), rank=rank, world_size=2)
 
 
 # ----------------------------------------------------------------------------- manifest
@@ -265,3 +272,74 @@ def test_manifest_errors_name_the_path(tmp_path, uneven):
         m.shards("val")
     with pytest.raises(ValueError, match="model.in_channels=3"):
         m.check_model(in_channels=3, image_size=4, num_classes=NUM_CLASSES)
+
+
+@pytest.mark.parametrize("edit, culprit", [
+    (lambda s: s.update(name="train-000000.tar; rm -rf ~"), r"shard name 'train-000000.tar; rm -rf ~'"),
+    (lambda s: s.update(name="test-000000.tar"), r"split 'train' lists shard name 'test-000000.tar'"),
+    (lambda s: s.update(name="train-0.tar"), r"shard name 'train-0.tar'"),
+    (lambda s: s.update(num_samples=-1), r"train-000000.tar: num_samples must be an integer >= 0"),
+    (lambda s: s.update(size="12"), r"train-000000.tar: size must be an integer"),
+    (lambda s: s.update(sha256="abc"), r"train-000000.tar: sha256 must be 64 lowercase hex digits"),
+])
+def test_manifest_shard_entries_are_validated(tmp_path, edit, culprit):
+    root = make_dataset(tmp_path / "d", {"train": [5, 5]})
+    manifest = json.loads((root / "manifest.json").read_text())
+    edit(manifest["splits"]["train"]["shards"][0])
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=rf"d/manifest.json: invalid manifest: .*{culprit}"):
+        read_manifest(root)
+
+
+def test_duplicate_shard_names_are_refused(tmp_path):
+    root = make_dataset(tmp_path / "d", {"train": [5, 5]})
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["splits"]["train"]["shards"][1] = manifest["splits"]["train"]["shards"][0]
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="shard train-000000.tar is listed twice"):
+        read_manifest(root)
+
+
+def test_old_manifest_without_sizes_is_read_and_verified_by_digest(tmp_path):
+    root = make_dataset(tmp_path / "d", {"train": [12, 12], "test": [6]})
+    manifest = json.loads((root / "manifest.json").read_text())
+    for split in manifest["splits"].values():
+        for shard in split["shards"]:
+            del shard["size"]
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    batches, _ = train_ids(cfg_for(root, num_workers=0, batch_size=4))  # data.verify=sha256, the default
+    assert len(batches) == 6
+    with pytest.raises(ValueError, match=r"d/manifest.json: data.verify=size needs a 'size' for every shard.*"
+                                         r"data.verify=sha256 or data.verify=off"):
+        train_ids(cfg_for(root, verify="size"))
+    manifest["splits"]["test"]["shards"][0]["sha256"] = ""
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"data.verify=sha256 needs a 'sha256' for every shard.*test-000000.tar"):
+        build_eval_loader(cfg_for(root), "test", rank=0, world_size=1)
+    assert len(list(build_eval_loader(cfg_for(root, verify="off"), "test", rank=0, world_size=1))) == 1
+
+
+def test_shard_digests_are_computed_once_per_rank_and_keyed_by_mtime(tmp_path):
+    """Loader processes send the digests they compute to the rank's main process, so the
+    processes of later epochs (forked from it) hash nothing again -- unless the file changed.
+
+    Measured by the cache's one blind spot: a byte flipped in place with size and mtime kept
+    passes in epoch 1 (cached digest), and fails once the mtime moves on.
+    """
+    from pce_dist import integrity
+
+    root = make_dataset(tmp_path / "d", {"train": [12, 12, 12]})
+    cfg = cfg_for(root, num_workers=2, batch_size=4)
+    train_ids(cfg, epoch=0)
+    cached = {key[0] for key in integrity._DIGESTS}
+    assert {str(root / f"train-00000{i}.tar") for i in range(3)} <= cached  # computed in the workers
+    shard = root / "train-000001.tar"
+    before = shard.stat()
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF  # tar padding: no reader parses it, only the digest sees it
+    shard.write_bytes(bytes(data))
+    os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns))
+    train_ids(cfg, epoch=1)
+    os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns + 1))
+    with pytest.raises(CorruptDataError, match=r"train-000001.tar: sha256"):
+        train_ids(cfg, epoch=2)

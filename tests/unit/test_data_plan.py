@@ -32,12 +32,14 @@ def test_train_plans_are_disjoint_full_batches(sizes, world_size, workers, batch
         full = plan_train(shards, num_batches=num_batches, rank=rank, world_size=world_size, batch_size=batch,
                           num_workers=workers, seed=7, epoch=epoch)
         assert sum(p.num_batches for p in full) == num_batches  # the same on every rank
-        assert all(sum(sl.stop - sl.start for sl in p.slices) == p.num_batches * batch for p in full)
+        assert all(sum(sl.stop - sl.start for sl in p.slices) == p.num_batches * batch == p.num_samples
+                   for p in full)
         used += samples_of(full)
         resumed = plan_train(shards, num_batches=num_batches, rank=rank, world_size=world_size,
                              batch_size=batch, num_workers=workers, seed=7, epoch=epoch, start_step=start_step)
         assert sum(p.num_batches for p in resumed) == num_batches - start_step
         assert sum(p.skip_samples for p in resumed) == start_step * batch
+        assert [p.num_samples for p in resumed] == [p.num_samples for p in full]  # resumed-over ones count
     counts = Counter(used)
     assert all(c == 1 for c in counts.values())
     assert len(used) == world_size * num_batches * batch
@@ -54,7 +56,9 @@ def test_eval_plans_cover_every_sample_once_with_equal_lengths(sizes, world_size
                                        num_workers=workers)
         lengths.add(num_batches)
         assert sum(p.num_batches for p in plans) == num_batches
-        assert all(sum(sl.stop - sl.start for sl in p.slices) <= p.num_batches * batch for p in plans)
+        assert all(sum(sl.stop - sl.start for sl in p.slices) == p.num_samples <= p.num_batches * batch
+                   for p in plans)
+        assert all(sl.ends_shard == (sl.stop == sizes[int(sl.url[1:])]) for p in plans for sl in p.slices)
         used += samples_of(plans)
     assert len(lengths) == 1
     assert sorted(used) == sorted((f"u{i}", j) for i, n in enumerate(sizes) for j in range(n))

@@ -65,6 +65,11 @@ def test_digits_manifest_and_stock_readers(tmp_path):
                                      capture_output=True, text=True).stdout.splitlines()
             assert len(listing) == 2 * shard["num_samples"]
             assert all(" 0/0 " in line and "1970-01-01" in line for line in listing)
+            # what the loader checks each shard against (sha256sum is the independent digest)
+            assert shard["size"] == (out / shard["name"]).stat().st_size
+            digest = subprocess.run(["sha256sum", str(out / shard["name"])], check=True,
+                                    capture_output=True, text=True).stdout.split()[0]
+            assert shard["sha256"] == digest
     samples = read_back(out, "train")
     assert len(samples) == 1438 and len({k for k, _, _ in samples}) == 1438
     assert all(img.shape == (8, 8) and img.dtype == np.uint8 for _, img, _ in samples[:10])

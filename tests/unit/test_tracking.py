@@ -1,7 +1,8 @@
-"""Tracker against a real ``mlflow server`` process: what lands in MLflow, and outages.
+"""Tracker against a real ``mlflow server`` process: what lands in MLflow, outages, the fallback file.
 
 One server per module (starting one costs ~5 s); the outage test stops it and starts it
-again on the same port and database, so later tests still find it.
+again on the same port and database, so later tests still find it. ``MlflowServer`` lives in
+tests/mlflow_server.py (shared with the fault suite).
 """
 
 from __future__ import annotations
@@ -22,62 +23,11 @@ import yaml
 
 from pce_dist.config import RunConfig, apply_overrides, flatten, to_dict
 from pce_dist.distributed import DistEnv, free_port
-from pce_dist.tracking import FALLBACK_FILE, Tracker, resolve_tracking_uri
+from mlflow_server import MlflowServer, file_records, history, wait_for
+
+from pce_dist.tracking import FALLBACK_FILE, FallbackFile, Tracker, bounded_http, resolve_tracking_uri
 
 _LAUNCH_VARS = ["RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID"]
-
-
-class MlflowServer:
-    """``mlflow server`` on 127.0.0.1 with a sqlite store, in its own process group."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, ready_timeout_s: float = 60.0) -> None:
-        env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true",  # no phoning home from CI
-                   MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")  # no background job workers to reap
-        log = (self.root / "server.log").open("a")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-             "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
-             "--artifacts-destination", str(self.root / "artifacts")],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + ready_timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited: {(self.root / 'server.log').read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=1) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.2)
-        self.stop()
-        raise RuntimeError("mlflow server did not answer /health in time")
-
-    def stop(self) -> None:
-        """SIGTERM the whole process group (server + uvicorn worker), SIGKILL if it lingers."""
-        if self.proc is None:
-            return
-        for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                self.proc.wait(wait_s)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        try:
-            os.killpg(self.proc.pid, 0)
-        except ProcessLookupError:  # nothing of the group is left behind
-            self.proc = None
-            return
-        raise AssertionError(f"processes of mlflow server group {self.proc.pid} survived SIGKILL")
 
 
 @pytest.fixture(scope="module")
@@ -192,32 +142,35 @@ def test_server_down_at_start_fails_fast_naming_the_uri(tmp_path):
 def test_server_lost_mid_run_falls_back_and_replays(server, tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="pce_dist.tracking")
     run_dir = tmp_path / "run"
-    tracker = Tracker.start(_cfg(server.url, "outage"), DistEnv().init(), run_dir, retry_interval_s=3.0)
+    run_dir.mkdir()
+    tracker = Tracker.start(_cfg(server.url, "outage"), DistEnv().init(), run_dir, retry_interval_s=1.0)
     tracker.log_metrics({"train/loss": 0.0}, step=0)
+    wait_for(lambda: history(server.url, tracker.run_id) == [(0, 0.0)], what="step 0 in MLflow")
 
     server.stop()
     start = time.monotonic()
-    for step in (1, 2, 3):  # must neither raise nor block the training loop for long
+    for step in (1, 2, 3):
         tracker.log_metrics({"train/loss": float(step)}, step=step)
     (run_dir / "plot.txt").write_text("made during the outage")
     tracker.log_artifact(run_dir / "plot.txt")
-    assert time.monotonic() - start < 20
+    assert time.monotonic() - start < 0.1, "logging waited on the dead server"
+    wait_for(lambda: len(file_records(run_dir)) == 4, what="steps 1-3 and the artifact in the fallback file")
+    records = file_records(run_dir)
+    assert [(r["step"], r["metrics"]) for r in records[:3]] == [(s, {"train/loss": float(s)}) for s in (1, 2, 3)]
+    assert records[3]["artifact"] == str(run_dir / "plot.txt") and {r["run_id"] for r in records} == {tracker.run_id}
     lost = [r for r in caplog.records if "stopped answering" in r.getMessage()]
     assert len(lost) == 1, "the outage is reported once, not once per step"
-    records = [json.loads(line) for line in (run_dir / FALLBACK_FILE).read_text().splitlines()]
-    assert [(r["step"], r["metrics"]) for r in records] == [(s, {"train/loss": float(s)}) for s in (1, 2, 3)]
 
-    server.start()  # same port, same database
-    time.sleep(max(0.0, 3.0 - (time.monotonic() - start)))
+    server.start()  # same port, same database; the writer retries by itself, no new log call needed
+    wait_for(lambda: len(history(server.url, tracker.run_id)) == 4, what="the replay")
     tracker.log_metrics({"train/loss": 4.0}, step=4)
     tracker.finish()
     assert any("is back" in r.getMessage() for r in caplog.records)
-    assert json.loads((run_dir / FALLBACK_FILE).read_text().splitlines()[-1]) == {"replayed": 3}
+    assert history(server.url, tracker.run_id) == [(s, float(s)) for s in range(5)]
     client = _client(server.url)
-    history = client.get_metric_history(tracker.run_id, "train/loss")
-    assert [(m.step, m.value) for m in history] == [(s, float(s)) for s in range(5)]
     assert "plot.txt" in {a.path for a in client.list_artifacts(tracker.run_id)}
     assert client.get_run(tracker.run_id).info.status == "FINISHED"
+    assert FallbackFile(run_dir / FALLBACK_FILE).read().pending == [], "replayed records are marked delivered"
 
 
 def test_bad_values_are_dropped_without_raising_or_going_offline(server, tmp_path, caplog):
@@ -232,3 +185,65 @@ def test_bad_values_are_dropped_without_raising_or_going_offline(server, tmp_pat
     assert not (tmp_path / "run" / FALLBACK_FILE).exists()
     history = _client(server.url).get_metric_history(tracker.run_id, "train/loss")
     assert [(m.step, m.value) for m in history] == [(2, 0.5)]
+
+
+# ----------------------------------------------------------------------------- the fallback file, no server
+
+
+def _line(path: Path, obj: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(obj) + "\n")
+
+
+def test_fallback_file_tracks_delivery_by_byte_offset(tmp_path):
+    path = tmp_path / FALLBACK_FILE
+    fallback = FallbackFile(path)
+    records = [{"run_id": "r", "sid": "a", "seq": i, "step": i, "timestamp_ms": 0, "metrics": {"m": i}}
+               for i in range(5)]
+    fallback.append([{"session": "a", "run_id": "r"}, *records[:3]])
+    fallback.append(records[3:])
+    pending = fallback.read().pending
+    assert [p.entry["step"] for p in pending] == [0, 1, 2, 3, 4]
+    assert path.read_bytes()[pending[1].offset:pending[1].end] == (json.dumps(records[1]) + "\n").encode()
+
+    fallback.mark_delivered([pending[0], pending[1], pending[3]])
+    marker = json.loads(path.read_text().splitlines()[-1])
+    assert marker == {"delivered": [[pending[0].offset, pending[1].end], [pending[3].offset, pending[3].end]]}
+    assert [p.entry["step"] for p in FallbackFile(path).read().pending] == [2, 4]  # a fresh reader agrees
+
+
+def test_fallback_file_survives_a_half_written_line(tmp_path, caplog):
+    path = tmp_path / FALLBACK_FILE
+    _line(path, {"run_id": "r", "sid": "a", "seq": 0, "step": 0, "timestamp_ms": 0, "metrics": {"m": 0}})
+    with path.open("a") as f:
+        f.write('{"run_id": "r", "sid": "a", "seq": 1, "st')  # the process was killed mid-write
+    assert [p.entry["step"] for p in FallbackFile(path).read().pending] == [0]  # an unfinished line is not read
+    FallbackFile(path).append([{"run_id": "r", "sid": "b", "seq": 0, "step": 7, "timestamp_ms": 0,
+                                "metrics": {"m": 7}}])
+    caplog.set_level(logging.WARNING, logger="pce_dist.tracking")
+    assert [p.entry["step"] for p in FallbackFile(path).read().pending] == [0, 7]  # our line stayed whole
+    assert any("unreadable line" in r.getMessage() for r in caplog.records)
+
+
+def test_pending_records_come_back_in_logging_order(tmp_path):
+    """A full queue writes later records before the writer spills earlier ones: seq restores the order."""
+    path = tmp_path / FALLBACK_FILE
+    for obj in ({"session": "old", "run_id": "r"}, {"run_id": "r", "sid": "old", "seq": 0, "step": 0},
+                {"session": "new", "run_id": "r"}, {"run_id": "r", "sid": "new", "seq": 2, "step": 3},
+                {"run_id": "r", "sid": "new", "seq": 0, "step": 1}, {"run_id": "r", "sid": "new", "seq": 1, "step": 2}):
+        _line(path, obj)
+    pending = sorted(FallbackFile(path).read().pending, key=lambda p: p.order)
+    assert [p.entry["step"] for p in pending] == [0, 1, 2, 3]
+
+
+def test_http_caps_stay_while_any_caller_is_inside(monkeypatch):
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT", raising=False)
+    with bounded_http((1, 1, 5)):
+        with bounded_http((2, 1, 9)):  # e.g. the writer thread inside while the main thread probes
+            pass
+        assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "5", "the inner caller removed the caps of the outer"
+    assert "MLFLOW_HTTP_REQUEST_TIMEOUT" not in os.environ
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")  # the user's own setting wins and is kept
+    with bounded_http((1, 1, 5)):
+        assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "60"
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "60"
