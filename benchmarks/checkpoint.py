@@ -39,6 +39,12 @@ class _Owner:  # what Checkpointer.save reads from a trainer
         from dataclasses import asdict
         return asdict(self.state)
 
+    def sync_norm_statistics(self):  # one process: nothing to average
+        return {}
+
+    def restore_norm_statistics(self, own):
+        pass
+
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

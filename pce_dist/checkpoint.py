@@ -415,7 +415,7 @@ class Checkpointer:
     def save(self, trainer: Any, reason: str = "step") -> Path:
         """Every rank calls this at an optimizer-step boundary; returns the checkpoint dir."""
         env, state = self.env, trainer.state
-        trainer.sync_norm_statistics()  # one model on disk, whichever rank writes a module
+        own_norm = trainer.sync_norm_statistics()  # one model on disk, whichever rank writes a module
         name = f"step_{state.global_step:08d}"
         final = self.root / name
         tmp = self.root / f".tmp-{name}"
@@ -447,7 +447,9 @@ class Checkpointer:
                                                         allow=_deepspeed_optimizer_globals())
         loader_stats = getattr(trainer.data, "stats", lambda: {})()
         written[rank_file(env.rank)] = _atomic_save(
-            {"rng": _rng_state(), "state": trainer.state_dict(), "loader": loader_stats}, tmp / rank_file(env.rank))
+            {"rng": _rng_state(), "state": trainer.state_dict(), "loader": loader_stats, "norm_buffers": own_norm},
+            tmp / rank_file(env.rank))
+        trainer.restore_norm_statistics(own_norm)  # the live run goes on exactly as without this save
         everyone = env.all_gather_object(written)  # also the barrier after every rank's writes
         if env.is_main:
             self._finalise(tmp, final, trainer, model_state, portable, reason,
@@ -569,6 +571,7 @@ class Checkpointer:
         train_state = TrainState(**rank_state["state"])
         if same_layout:
             _set_rng_state(rank_state["rng"])
+            self._restore_own_norm(model, rank_state.get("norm_buffers") or {})
         else:
             train_state.micro_step, train_state.samples_seen = self._map_position(meta, train_state)
         engine.global_steps = train_state.global_step
@@ -576,6 +579,16 @@ class Checkpointer:
         log.info("resumed from %s (step %d, epoch %d, %s layout)", path, train_state.global_step, train_state.epoch,
                  "same" if same_layout else "different")
         return train_state
+
+    @staticmethod
+    @torch.no_grad()
+    def _restore_own_norm(model: torch.nn.Module, own: dict) -> None:
+        """Same layout: each rank continues from its own BatchNorm statistics, not the average
+        the shared files hold (see ``Trainer.sync_norm_statistics``)."""
+        buffers = dict(model.named_buffers())
+        for name, value in own.items():
+            if name in buffers:
+                buffers[name].copy_(value)
 
     def _map_position(self, meta: dict, st) -> tuple[int, int]:
         """Same fraction of the epoch on a new world size (see docs/checkpoints.md)."""

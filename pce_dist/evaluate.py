@@ -40,7 +40,7 @@ def evaluate_file(path: str, *, data_root: str | None = None, split: str | None 
     sums, layer_sums, _ = evaluation.accumulate(model, loader, device=torch.device("cpu"), dtype=torch.float32,
                                                 num_layers=len(model.routers()), num_experts=cfg.model.num_experts,
                                                 num_classes=cfg.model.num_classes)
-    metrics = evaluation.metrics(sums, layer_sums, prefix="eval" if split == cfg.data.eval_split else split,
+    metrics = evaluation.metrics(sums, layer_sums, prefix="eval" if split == cfg.data.eval_split else split, split=split,
                                  collapse_usage=cfg.model.collapse_usage)
     x_BCHW, _, valid_B = next(iter(loader))
     cost = flops.measure(model, x_BCHW[valid_B.bool()])

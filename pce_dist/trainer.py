@@ -110,7 +110,7 @@ class Trainer:
         return t
 
     @torch.no_grad()
-    def sync_norm_statistics(self) -> None:
+    def sync_norm_statistics(self) -> dict[str, torch.Tensor]:
         """Average BatchNorm running statistics over the ranks that hold the same module.
 
         In training mode BatchNorm normalises with batch statistics, but each rank updates
@@ -119,13 +119,19 @@ class Trainer:
         over the data-parallel group, expert buffers over the expert-data-parallel group
         (the ranks hosting the same experts). Training itself never reads these buffers, so
         losses are unchanged. Two all-reduces (flattened), at evaluations and checkpoints.
+
+        Returns this rank's own statistics from before the averaging (copies): a checkpoint
+        writes the averaged model, then puts these back (``restore_norm_statistics``) and
+        stores them per rank, so a save changes nothing the run computes later -- an
+        evaluation after a resume equals the uninterrupted run's bit for bit, not to rounding.
         """
         if self.env.world_size == 1:
-            return
-        shared, experts = [], []
+            return {}
+        shared, experts, own = [], [], {}
         for name, buf in self.model.named_buffers():
             if buf.is_floating_point():  # running_mean / running_var; the step counters agree
                 (experts if is_expert_name(name) else shared).append(buf)
+                own[name] = buf.detach().clone()
         for bufs, group, size in ((shared, self.env.dp_group, self.env.world_size),
                                   (experts, self.env.edp_group, self.env.world_size // self.env.ep_size)):
             if not bufs or size == 1:
@@ -137,6 +143,16 @@ class Trainer:
             for b in bufs:
                 b.copy_(flat[offset:offset + b.numel()].view_as(b))
                 offset += b.numel()
+        return own
+
+    @torch.no_grad()
+    def restore_norm_statistics(self, own: dict[str, torch.Tensor]) -> None:
+        """Put back statistics returned by ``sync_norm_statistics`` (or loaded from a checkpoint)."""
+        if not own:
+            return
+        buffers = dict(self.model.named_buffers())
+        for name, value in own.items():
+            buffers[name].copy_(value)
 
     def _to_device(self, x: torch.Tensor, y: torch.Tensor):
         return x.to(self.device, self.dtype, non_blocking=True), y.to(self.device, non_blocking=True)

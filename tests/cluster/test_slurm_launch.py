@@ -110,7 +110,7 @@ def checkpoint_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
     """Weights and optimizer state of ``shared.pt`` and every ``experts_r*.pt``."""
     out = {}
     for f in sorted([ckpt / "shared.pt", *ckpt.glob("experts_r*.pt")]):
-        blob = torch.load(f, map_location="cpu", weights_only=False)
+        blob = torch.load(f, map_location="cpu", weights_only=True)
         out.update({f"{f.name}:model:{k}": v for k, v in blob["model"].items()})
         for name, state in blob["optimizer"].items():
             out.update({f"{f.name}:optim:{name}:{k}": v for k, v in state.items() if torch.is_tensor(v)})

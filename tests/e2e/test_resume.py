@@ -31,7 +31,7 @@ def _tensors(ckpt: Path) -> dict[str, torch.Tensor]:
     out = {}
     for f in sorted(ckpt.glob("*.pt")):
         if f.name.startswith(("shared", "experts")):
-            blob = torch.load(f, map_location="cpu", weights_only=False)
+            blob = torch.load(f, map_location="cpu", weights_only=True)
             out.update({f"{f.name}:model:{k}": v for k, v in blob["model"].items()})
             for name, state in blob["optimizer"].items():
                 out.update({f"{f.name}:optim:{name}:{k}": v for k, v in state.items() if torch.is_tensor(v)})
