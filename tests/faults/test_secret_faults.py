@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
-import pytest
 from mlflow_server import MlflowServer
 from runs import digits_args, finish, launch
 
 SECRET = "hunter2-Zq81"
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = MlflowServer(tmp_path_factory.mktemp("mlflow_server"))
-    srv.start()
-    yield srv
-    srv.stop()
+def test_tracking_password_is_redacted_everywhere(tmp_path, digits_root):
+    (tmp_path / "server").mkdir()
+    server = MlflowServer(tmp_path / "server")
+    server.start()
+    try:
+        _run_and_check(tmp_path / "run", digits_root, server)
+    finally:
+        server.stop()
 
 
-def test_tracking_password_is_redacted_everywhere(tmp_path, digits_root, server):
-    out = tmp_path / "run"
+def _run_and_check(out, digits_root, server):
     uri = server.url.replace("http://", f"http://alice:{SECRET}@")
     proc = launch(digits_args(out, digits_root, "train.max_steps=6", "train.log_every_steps=3",
                               "checkpoint.every_steps=3", f"tracking.tracking_uri={uri}"))
