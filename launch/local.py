@@ -39,6 +39,7 @@ one). This file imports only the standard library at the top, so it starts insta
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import signal
@@ -229,19 +230,11 @@ def _pump(src: IO[bytes], *sinks: IO[bytes]) -> None:
             except (OSError, ValueError) as exc:
                 live.remove(sink)
                 name = getattr(sink, "name", "?")
-                with _suppress_errors():
+                with contextlib.suppress(OSError, ValueError):
                     sys.stderr.write(f"[launch] cannot write rank 0's output to {name}: {exc}; "
                                      "relaying to the terminal only\n")
                     sys.stderr.flush()
     src.close()
-
-
-class _suppress_errors:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> bool:
-        return True
 
 
 class RankGroup:
@@ -313,10 +306,10 @@ class RankGroup:
         beats = read_heartbeats(self.plan.heartbeat_dir, self.nproc, since=self.started_at)
         silent = {r for r, age in stale_ranks(beats, self.nproc, stale_after_s).items()
                   if age is not None and self.procs[r].poll() is None}
-        out = {}
-        for rank in sorted(silent):
-            out[rank] = diagnose(self.plan.heartbeat_dir, self.nproc, stale_after_s, since=self.started_at) or ""
-        return out
+        if not silent:
+            return {}
+        why = diagnose(self.plan.heartbeat_dir, self.nproc, stale_after_s, since=self.started_at) or ""
+        return {rank: why for rank in sorted(silent)}
 
     def _watch_heartbeats(self) -> tuple[int, int] | None:
         """Once a second: a rank silent for ``dist.timeout_s`` fails the job, named."""

@@ -375,7 +375,7 @@ def split_secrets(cfg) -> tuple[dict, list[str]]:
     environment instead (sbatch exports the submitting environment; SLURM keeps it in its
     root-only state), and each task puts them back in memory.
     """
-    from pce_dist.config import flatten, to_dict
+    from pce_dist.config import flatten, flatten_dict, to_dict
     from pce_dist.redact import redact_obj
 
     live = flatten(cfg)
@@ -383,16 +383,6 @@ def split_secrets(cfg) -> tuple[dict, list[str]]:
     shown = flatten_dict(redacted)
     overrides = [f"{k}={json.dumps(v)}" for k, v in live.items() if shown.get(k) != v]
     return redacted, overrides
-
-
-def flatten_dict(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten_dict(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _secret_overrides() -> list[str]:

@@ -284,16 +284,17 @@ def to_yaml(cfg: RunConfig) -> str:
 
 def flatten(cfg: RunConfig) -> dict[str, Any]:
     """``{'model.num_experts': 4, ...}`` -- MLflow params and run comparison."""
+    return flatten_dict(to_dict(cfg))
+
+
+def flatten_dict(d: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> dotted keys (``flatten`` for a config dict that is not a ``RunConfig``)."""
     out: dict[str, Any] = {}
-
-    def walk(d: dict, prefix: str) -> None:
-        for k, v in d.items():
-            if isinstance(v, dict):
-                walk(v, f"{prefix}{k}.")
-            else:
-                out[f"{prefix}{k}"] = v
-
-    walk(to_dict(cfg), "")
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten_dict(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
     return out
 
 

@@ -322,3 +322,17 @@ def test_option_defaults_and_time_parsing():
     assert slurm.why_not_requeue("slurm", 0, 3) is None
     assert "--max-requeues 3" in slurm.why_not_requeue("slurm", 3, 3)
     assert "cannot requeue" in slurm.why_not_requeue("local", 0, 3)
+
+
+def test_secrets_stay_out_of_the_pickled_job_and_come_back_in_the_task(monkeypatch):
+    """The job's config is redacted; the live value travels as an override in the environment."""
+    slurm = _load_launcher()
+    from pce_dist.config import apply_overrides, config_from_dict, load_config
+
+    live = "http://alice:hunter22@127.0.0.1:5055"
+    cfg = load_config("configs/digits.yaml", [f"tracking.tracking_uri={live}"])
+    redacted, overrides = slurm.split_secrets(cfg)
+    assert "hunter22" not in str(redacted) and redacted["tracking"]["tracking_uri"] == live.replace("hunter22", "***")
+    monkeypatch.setenv(slurm.SECRETS_ENV, __import__("json").dumps(overrides))
+    restored = apply_overrides(config_from_dict(redacted), slurm._secret_overrides())
+    assert restored.tracking.tracking_uri == live and restored == cfg
