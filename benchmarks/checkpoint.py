@@ -28,22 +28,7 @@ from pce_dist.distributed import DistEnv  # noqa: E402
 from pce_dist.engine import build_engine  # noqa: E402
 from pce_dist.model import pce_loss  # noqa: E402
 from pce_dist.train import build_model_for  # noqa: E402
-from pce_dist.trainer import TrainState  # noqa: E402
-
-
-class _Owner:  # what Checkpointer.save reads from a trainer
-    def __init__(self, model, engine):
-        self.model, self.engine, self.state, self.data = model, engine, TrainState(), None
-
-    def state_dict(self):
-        from dataclasses import asdict
-        return asdict(self.state)
-
-    def sync_norm_statistics(self):  # one process: nothing to average
-        return {}
-
-    def restore_norm_statistics(self, own):
-        pass
+from pce_dist.state import TrainState  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -62,13 +47,13 @@ def main(argv=None) -> dict:
         y = torch.randint(0, m.num_classes, (cfg.data.batch_size,))
         engine.backward(pce_loss(engine(x), y, m).total)
         engine.step()
-        owner = _Owner(model, engine)
+        state = TrainState()
         ckpt = Checkpointer(cfg, env, Path(tmp))
         saves, loads = [], []
         for i in range(args.repeats):
-            owner.state.global_step = i + 1
+            state.global_step = i + 1
             start = time.perf_counter()
-            path = ckpt.save(owner)
+            path = ckpt.save(model, engine, state)
             saves.append(time.perf_counter() - start)
             start = time.perf_counter()
             ckpt.load(path, model, engine)

@@ -29,7 +29,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pce_dist.keyinit import kmeans  # noqa: E402
-from pce_dist.model import ConvExpert, DenseReferenceDispatcher, PCELayer  # noqa: E402
+from pce_dist.model import ConvExpert, DenseReferenceDispatcher, ExpertSpec, PCELayer  # noqa: E402
 
 
 class DenseBlock(nn.Module):
@@ -62,14 +62,14 @@ def bench(num_experts: int, *, batch: int, channels: int, size: int, patch: int,
           iters: int, seed: int = 0) -> dict:
     torch.manual_seed(seed)
     layer = PCELayer(channels, channels, patch_size=patch, map_size=size, num_experts=num_experts,
-                     expert_norm="batch", expert_dropout=0.0)
+                     expert=ExpertSpec(norm="batch"))
     x = torch.randn(batch, channels, size, size)
     with torch.no_grad():  # balanced, realistic routing: k-means keys on this input
         emb = layer.router.embed(layer.extractor(x).flatten(0, 1))
         layer.router.set_keys(torch.from_numpy(kmeans(emb.numpy(), num_experts, seed=seed).centroids_KD))
         k_avg = layer(x)[1].selected_NE.sum(1).float().mean().item()
     reference = PCELayer(channels, channels, patch_size=patch, map_size=size, num_experts=num_experts,
-                         expert_norm="batch", expert_dropout=0.0)
+                         expert=ExpertSpec(norm="batch"))
     reference.load_state_dict(layer.state_dict())
     reference.dispatcher = DenseReferenceDispatcher()
     dense = DenseBlock(layer, channels, channels)

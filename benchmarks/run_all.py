@@ -8,6 +8,7 @@ Runs, in order (each a script of its own in this folder, callable alone):
   kmeans      FAISS vs scikit-learn k-means on 100k x 168 embeddings, k = 16
   data        loader throughput vs a plain read and vs what a training step consumes
   scaling     1 vs 2 ranks on the same global batch; all-to-all bytes vs routed bytes
+  memory      every rank's RSS over many short digits epochs: growth per epoch after warm-up
 and writes ``results.json`` and ``results.md`` (one table: figure, measured median
 [min, max], target) into ``--out``. ``--small`` shrinks every size so the suite runs in
 about a minute -- CI runs it that way so the scripts cannot rot; the figures worth
@@ -77,6 +78,11 @@ def run(small: bool, data_root: Path) -> tuple[dict, list[tuple[str, str, str]]]
     rows.append(("all-to-all bytes sent / bytes of routed patches", f"{scaling['two_ranks']['dispatch_over_routed']:.4f}",
                  "<= 1.1"))
     rows.append(("throughput 2 ranks / 1 rank, same global batch", f"{scaling['throughput_2_over_1']:.2f}", "-"))
+    memory = _quiet(_script("memory").main, ["--json"] + (["--small", f"data.root={data_root}"] if small else []))
+    results["memory"] = memory
+    worst = max(r["growth_mb_per_epoch"] for r in memory["ranks"].values())
+    rows.append((f"RSS growth per epoch after warm-up, worst of {memory['nproc']} ranks "
+                 f"({memory['epochs_measured']} digits epochs)", f"{worst:+.2f} MB", "~ 0"))
     return results, rows
 
 

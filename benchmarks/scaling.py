@@ -4,7 +4,9 @@ Runs ``launch/local.py`` twice on the digits shards with the same global batch (
 default: 1 rank x 64, then 2 ranks x 32 with ``ep_size=2``), reads the run's MLflow
 metrics and prints: step time, images/s, the 2-rank/1-rank throughput ratio, the bytes the
 dispatch all-to-all sends per step against the bytes of the routed patches, and the
-k-means key-initialisation time.
+k-means key-initialisation time. "Sent" is measured where the dispatcher calls
+``all_to_all_single`` (the bytes of the tensors it hands over for the other rank, counts
+exchange included); "routed" is computed from the routing counts.
 
     python benchmarks/scaling.py [--steps 60] [--global-batch 64] [--json]
 

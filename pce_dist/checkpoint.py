@@ -47,6 +47,7 @@ import pickle
 import random
 import re
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, BinaryIO, Sequence
 
@@ -54,9 +55,12 @@ import numpy as np
 import torch
 
 from .config import RunConfig, to_dict
+from .distributed import norm_stats
 from .distributed.env import DistEnv
 from .model.net import is_expert_name
 from .redact import redact_obj
+from .resolved import resolve_precision
+from .state import TrainState
 
 log = logging.getLogger(__name__)
 
@@ -329,19 +333,23 @@ def full_model_state(path: Path) -> tuple[dict, dict]:
 
 
 class Checkpointer:
-    """Saves and restores sharded checkpoints of one run."""
+    """Saves and restores sharded checkpoints of one run.
 
-    def __init__(self, cfg: RunConfig, env: DistEnv, run_dir: Path) -> None:
+    It is handed what it saves (``save(model, engine, state, loader_stats)``) and returns what
+    it loads (``load`` -> ``TrainState``); it holds no reference to the trainer and no stop
+    flag. ``portable_optimizer`` comes from the resolved run (``ResolvedRun``); a caller that
+    has none (a test) gets it derived from the config.
+    """
+
+    def __init__(self, cfg: RunConfig, env: DistEnv, run_dir: Path, portable_optimizer: bool | None = None) -> None:
         self.cfg, self.env = cfg, env
         self.root = Path(run_dir) / "checkpoints"
+        if portable_optimizer is None:
+            portable_optimizer = cfg.dist.zero_stage == 0 and resolve_precision(cfg, env.device.type) == "fp32"
+        self.portable_optimizer = portable_optimizer
         self.run_id: str | None = None
         self.last_saved: Path | None = None
         self.saved_step: int | None = None
-
-    def _portable_optimizer(self) -> bool:
-        from .engine import resolve_precision
-
-        return self.cfg.dist.zero_stage == 0 and resolve_precision(self.cfg, self.env) == "fp32"
 
     # ------------------------------------------------------------------ which checkpoint
 
@@ -412,10 +420,17 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ save
 
-    def save(self, trainer: Any, reason: str = "step") -> Path:
-        """Every rank calls this at an optimizer-step boundary; returns the checkpoint dir."""
-        env, state = self.env, trainer.state
-        own_norm = trainer.sync_norm_statistics()  # one model on disk, whichever rank writes a module
+    def save(self, model: torch.nn.Module, engine: Any, state: TrainState, *, loader_stats: dict | None = None,
+             reason: str = "step") -> Path:
+        """Every rank calls this at an optimizer-step boundary; returns the checkpoint dir.
+
+        Args:
+            model: the expert-parallel model (this rank's experts); engine: its DeepSpeed
+                engine (optimizer, LR schedule); state: the position to resume at;
+            loader_stats: this rank's data accounting, stored for the record.
+        """
+        env = self.env
+        own_norm = norm_stats.average(model, env)  # one model on disk, whichever rank writes a module
         name = f"step_{state.global_step:08d}"
         final = self.root / name
         tmp = self.root / f".tmp-{name}"
@@ -425,8 +440,7 @@ class Checkpointer:
                 shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir()
         env.barrier()
-        model, engine = trainer.model, trainer.engine
-        portable = self._portable_optimizer()
+        portable = self.portable_optimizer
         named_state = self._named_optimizer_state(model, engine.optimizer) if portable else {}
         model_state = model.state_dict()
         written: dict[str, tuple[int, str]] = {}
@@ -445,22 +459,22 @@ class Checkpointer:
         if not portable:
             written[zero_file(env.rank)] = _atomic_save(engine.optimizer.state_dict(), tmp / zero_file(env.rank),
                                                         allow=_deepspeed_optimizer_globals())
-        loader_stats = getattr(trainer.data, "stats", lambda: {})()
         written[rank_file(env.rank)] = _atomic_save(
-            {"rng": _rng_state(), "state": trainer.state_dict(), "loader": loader_stats, "norm_buffers": own_norm},
+            {"rng": _rng_state(), "state": asdict(state), "loader": dict(loader_stats or {}),
+             "norm_buffers": own_norm},
             tmp / rank_file(env.rank))
-        trainer.restore_norm_statistics(own_norm)  # the live run goes on exactly as without this save
+        norm_stats.restore(model, own_norm)  # the live run goes on exactly as without this save
         everyone = env.all_gather_object(written)  # also the barrier after every rank's writes
         if env.is_main:
-            self._finalise(tmp, final, trainer, model_state, portable, reason,
+            self._finalise(tmp, final, state, model_state, portable, reason,
                            {f: entry for w in everyone for f, entry in w.items()})
         env.barrier()
         self.last_saved, self.saved_step = final, state.global_step
         return final
 
-    def _finalise(self, tmp: Path, final: Path, trainer: Any, model_state: dict, portable: bool, reason: str,
+    def _finalise(self, tmp: Path, final: Path, state: TrainState, model_state: dict, portable: bool, reason: str,
                   written: dict[str, tuple[int, str]]) -> None:
-        env, state = self.env, trainer.state
+        env = self.env
         expected = expected_files(env.world_size, env.ep_size, portable)
         missing = [f for f in expected if f not in written or not (tmp / f).is_file()
                    or (tmp / f).stat().st_size != written[f][0]]
@@ -527,13 +541,11 @@ class Checkpointer:
 
         Each file is checked against ``meta.json`` as it is read (``find_resume`` has checked
         them all on rank 0 already; this covers a direct call and a file damaged since)."""
-        from .trainer import TrainState
-
         env = self.env
         meta = read_meta(path)
         self.check_compatible(meta, path)
         same_layout = meta["world_size"] == env.world_size and meta["ep_size"] == env.ep_size
-        portable_now = self._portable_optimizer()
+        portable_now = self.portable_optimizer
         if not meta["portable_optimizer"] or not portable_now:
             if not (same_layout and meta["portable_optimizer"] == portable_now
                     and meta["zero_stage"] == self.cfg.dist.zero_stage):
@@ -571,7 +583,9 @@ class Checkpointer:
         train_state = TrainState(**rank_state["state"])
         if same_layout:
             _set_rng_state(rank_state["rng"])
-            self._restore_own_norm(model, rank_state.get("norm_buffers") or {})
+            # each rank continues from its own BatchNorm statistics, not the average the shared
+            # files hold (see ``distributed.norm_stats``)
+            norm_stats.restore(model, rank_state.get("norm_buffers") or {})
         else:
             train_state.micro_step, train_state.samples_seen = self._map_position(meta, train_state)
         engine.global_steps = train_state.global_step
@@ -579,16 +593,6 @@ class Checkpointer:
         log.info("resumed from %s (step %d, epoch %d, %s layout)", path, train_state.global_step, train_state.epoch,
                  "same" if same_layout else "different")
         return train_state
-
-    @staticmethod
-    @torch.no_grad()
-    def _restore_own_norm(model: torch.nn.Module, own: dict) -> None:
-        """Same layout: each rank continues from its own BatchNorm statistics, not the average
-        the shared files hold (see ``Trainer.sync_norm_statistics``)."""
-        buffers = dict(model.named_buffers())
-        for name, value in own.items():
-            if name in buffers:
-                buffers[name].copy_(value)
 
     def _map_position(self, meta: dict, st) -> tuple[int, int]:
         """Same fraction of the epoch on a new world size (see docs/checkpoints.md)."""

@@ -2,14 +2,15 @@
 
     python -m pce_dist.compare --run-dir runs/e4 --run-dir runs/e8
     python -m pce_dist.compare --tracking-uri http://host:5000 --experiment pce_dist --sort eval/accuracy
-    python -m pce_dist.compare --run-dir runs/* --metrics router/layer0/entropy --csv -
+    python -m pce_dist.compare --run-dir runs/* --metrics router/val/layer0/entropy --csv -
 
 One row per run: name, short id, status, wall time, the params whose values differ
 between the listed runs (a param equal everywhere says nothing about why two runs
 differ, so it is left out), then ``best`` and ``final`` values of the headline metrics
 that any run has (``eval/accuracy``, ``eval/loss``, ``val/accuracy``, ``perf/img_per_s``)
 plus ``--metrics`` extras. ``best`` is the max for accuracy-like and the min for
-loss-like names (``runs.metric_goal``); ``final`` is the value at the last step.
+loss-like names (``metrics.metric_goal``); ``final`` is the value at the last step.
+Metric names are those of ``pce_dist.metrics`` (its docstring lists the schema).
 
 Each run directory has its own sqlite store by default, so ``--run-dir`` (repeatable,
 several directories per flag) reads ``<dir>/mlflow.db``; runs from several stores and a
@@ -26,8 +27,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
+from .metrics import SUMMARY_METRICS, metric_goal
 from .redact import redact
-from .runs import SUMMARY_METRICS, fetch_runs, metric_goal, run_dir_store_uri
+from .runs import fetch_runs, run_dir_store_uri
 
 _FIXED = ("run", "id", "source", "status", "wall_s")
 

@@ -31,7 +31,7 @@ class ModelConfig:
     kind: Literal["pce", "dense"] = "pce"  # "dense": each PCE layer -> one expert block over the whole map (baseline)
     in_channels: int = 1  # must match the data manifest (1 = grayscale, 3 = RGB)
     image_size: int = 28  # input H = W; every patch size must divide the map it is applied to
-    num_classes: int = 10
+    num_classes: int = 10  # must match the data manifest; the head's output size
     stem_channels: int = 32  # a 3x3 conv stem lifts raw pixels before the first routing decision
     stem_norm: Literal["batch", "group"] = "batch"  # "group" makes every op per-sample (exact multi-rank tests)
     channels: list[int] = field(default_factory=lambda: [32, 64])  # output channels per PCE layer
@@ -41,6 +41,10 @@ class ModelConfig:
     expert_kernel: int = 3  # ResNet block conv kernel
     expert_norm: Literal["batch", "group"] = "batch"  # seed says BatchNorm; "group" is robust to tiny batches
     expert_dropout: float = 0.1  # the seed's block has Dropout between the convs
+    # Expert convs run on the routed batch padded to one of a few sizes (zero rows, <= 1/8 extra):
+    # a new batch size every step makes oneDNN build new kernels and fragments the heap (RSS grew
+    # ~15 MB/epoch). Same results up to float summation order; off for bit-level comparisons.
+    expert_pad_batches: bool = True
     router_dim: int = 8  # seed: conv projection to 8 channels
     spp_levels: list[int] = field(default_factory=lambda: [1, 2, 4])  # seed: SPP pools [1,2,4] -> 8*21 = 168
     spp_pool: Literal["max", "avg"] = "max"  # SPP-net uses max pooling
@@ -61,9 +65,9 @@ class ModelConfig:
 class DataConfig:
     root: str = "data/digits"  # dir or URL prefix of {split}-NNNNNN.tar + manifest.json; "{name}" marks where
     # the file name goes in a pipe: command, e.g. "pipe:curl -s https://host/ds/{name}"
-    train_split: str = "train"
+    train_split: str = "train"  # manifest split the model trains on
     val_split: str = ""  # "" = no validation split; used for model selection, never the test split
-    eval_split: str = "test"
+    eval_split: str = "test"  # reported once at the end (and every evaluation without a val split)
     batch_size: int = 64  # per-rank micro-batch
     num_workers: int = 1  # loader processes per rank
     shuffle_buffer: int = 1000  # sample-level shuffle buffer inside each worker
@@ -74,45 +78,45 @@ class DataConfig:
     # undecodable sample, stops the run naming the culprit. A tolerance > 0 skips and counts such
     # samples instead (reported on rank 0's console and in MLflow) until this fraction of an
     # epoch's planned samples is exceeded -- for huge scraped sets where a few bad files are expected.
-    max_skipped_fraction: float = 0.0
+    max_skipped_fraction: float = 0.0  # 0 = every damaged sample is an error (see above)
     # How each shard is checked against manifest.json when it is opened: "sha256" (size + digest;
     # hashing costs far less than decoding), "size" (local files: byte size only), "off".
-    verify: Literal["sha256", "size", "off"] = "sha256"
+    verify: Literal["sha256", "size", "off"] = "sha256"  # silent damage never trains (see above)
     random_crop_padding: int = 0  # pad-then-crop augmentation in pixels; 0 = off
     hflip: bool = False  # random horizontal flip; off by default (digits are not flip-invariant)
     mean: list[float] = field(default_factory=lambda: [0.5])  # per-channel normalisation
-    std: list[float] = field(default_factory=lambda: [0.5])
+    std: list[float] = field(default_factory=lambda: [0.5])  # (x - mean) / std puts [0, 1] pixels in [-1, 1]
 
 
 @dataclass
 class OptimConfig:
-    name: Literal["adamw", "sgd"] = "adamw"
-    lr: float = 2e-3
-    weight_decay: float = 0.05
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    name: Literal["adamw", "sgd"] = "adamw"  # torch optimizers: no compiled DeepSpeed extension needed
+    lr: float = 2e-3  # peak LR, reached after warmup; the schedule multiplies it (engine.lr_lambda)
+    weight_decay: float = 0.05  # decoupled (AdamW); never on biases, norms or router keys
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam moments; torch's defaults
     momentum: float = 0.9  # sgd only
-    warmup_steps: int = 50
-    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = 50  # linear warmup in optimizer steps: fresh Adam moments are noisy
+    schedule: Literal["cosine", "constant"] = "cosine"  # after warmup, down to min_lr_ratio * lr
     min_lr_ratio: float = 0.01  # cosine floor as a fraction of lr
     grad_clip: float = 1.0  # 0 = off
 
 
 @dataclass
 class TrainConfig:
-    seed: int = 0
-    epochs: int = 10
+    seed: int = 0  # same seed + config + world size = same losses (CPU)
+    epochs: int = 10  # training length unless max_steps is set
     max_steps: int = 0  # > 0 overrides epochs as the training length
-    grad_accum: int = 1
+    grad_accum: int = 1  # micro-batches per optimizer step (global batch = batch_size x ranks x this)
     phase2_epoch: int = 150  # seed: keys EMA-updated before this epoch, trained after
-    key_init: Literal["kmeans", "random"] = "kmeans"
+    key_init: Literal["kmeans", "random"] = "kmeans"  # seed: keys start at k-means centroids of embeddings
     key_init_batches: int = 4  # batches per rank sampled for the k-means embedding pass
     key_init_samples: int = 20000  # cap on embeddings fed to k-means per layer
-    kmeans_iters: int = 25
+    kmeans_iters: int = 25  # Lloyd iterations; the objective has settled by then on these embeddings
     # FAISS trains on a random subsample of this many points per centroid (its own default,
     # 256) and then assigns every sample; 0 = train on every sample. On 100k x 168, k=16 the
     # subsample is ~20x faster at an objective within ~1% (benchmarks/kmeans.py).
     kmeans_max_points_per_centroid: int = 256
-    eval_every_epochs: int = 1
+    eval_every_epochs: int = 1  # evaluations (with plots) cost a pass over the val/eval split
     log_every_steps: int = 10  # host syncs for logging happen only at this interval
 
 
@@ -125,26 +129,28 @@ class DistConfig:
     timeout_s: float = 300.0  # every collective fails after this long instead of hanging
     # Each rank's heartbeat file (<output_dir>/logs/heartbeat/) is rewritten this often; a rank
     # whose file goes stale is named as the culprit when a collective times out.
-    heartbeat_s: float = 5.0
+    heartbeat_s: float = 5.0  # seconds; must stay below timeout_s
 
 
 @dataclass
 class CheckpointConfig:
     every_steps: int = 0  # 0 = only at epoch ends and on request
-    keep_last: int = 3
+    keep_last: int = 3  # older complete checkpoints are pruned; > 1 so a damaged newest one has a fallback
     resume: str = ""  # "" = resume from <output_dir>/checkpoints/latest when present
 
 
 @dataclass
 class TrackingConfig:
     tracking_uri: str = ""  # "" = sqlite:///<output_dir>/mlflow.db (no server needed); env MLFLOW_TRACKING_URI wins
-    experiment: str = "pce_dist"
-    run_name: str = ""
+    experiment: str = "pce_dist"  # MLflow experiment: the unit `python -m pce_dist.compare` ranks runs in
+    run_name: str = ""  # "" = MLflow picks a name; the run id, not the name, is what resume uses
 
 
 @dataclass
 class RunConfig:
-    output_dir: str = "runs/default"
+    """The whole run: one section per concern, each a typed dataclass (strict YAML + key=value)."""
+
+    output_dir: str = "runs/default"  # run directory: config.yaml, checkpoints, logs, plots, local MLflow store
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -306,6 +312,22 @@ def _require(cond: bool, key: str, value: Any, why: str) -> None:
         raise ValueError(f"config key '{key}' = {value!r}: {why}")
 
 
+def check_expert_layout(ep_size: int, *, world_size: int | None = None, num_experts: int | None = None) -> None:
+    """The one check of how experts are laid out on ranks: ``dist.ep_size`` must divide the
+    world size (every expert-parallel group needs exactly ep_size ranks) and the number of
+    experts (every rank hosts as many). Called by ``validate`` (no world yet),
+    ``validate_world`` (the launchers and every rank) and ``DistEnv``."""
+    _require(ep_size >= 1, "dist.ep_size", ep_size, "must be >= 1")
+    if num_experts is not None:
+        _require(num_experts >= 1, "model.num_experts", num_experts, "must be >= 1")
+        _require(num_experts % ep_size == 0, "dist.ep_size", ep_size, f"must divide model.num_experts={num_experts}")
+    if world_size is not None:
+        _require(world_size >= 1, "world size", world_size, "must be >= 1")
+        _require(world_size % ep_size == 0, "dist.ep_size", ep_size,
+                 f"must divide the world size {world_size} (every expert-parallel group needs exactly "
+                 f"ep_size ranks)")
+
+
 def feature_map_sizes(m: ModelConfig) -> list[int]:
     """Spatial size of the map each PCE layer sees (after its optional downsample)."""
     sizes, size = [], m.image_size
@@ -391,9 +413,7 @@ def validate(cfg: RunConfig) -> None:
     _require(t.log_every_steps >= 1, "train.log_every_steps", t.log_every_steps, "must be >= 1")
 
     ds = cfg.dist
-    _require(ds.ep_size >= 1, "dist.ep_size", ds.ep_size, "must be >= 1")
-    _require(m.num_experts % ds.ep_size == 0, "dist.ep_size", ds.ep_size,
-             f"must divide model.num_experts={m.num_experts}")
+    check_expert_layout(ds.ep_size, num_experts=m.num_experts)
     _require(ds.zero_stage in (0, 1, 2), "dist.zero_stage", ds.zero_stage,
              "ZeRO-3 is not supported with expert parallelism (DeepSpeed MoE); use 0, 1 or 2")
     _require(ds.timeout_s > 0, "dist.timeout_s", ds.timeout_s, "must be > 0")
@@ -408,8 +428,4 @@ def validate(cfg: RunConfig) -> None:
 def validate_world(cfg: RunConfig, world_size: int) -> None:
     """The checks that need the number of ranks; the launchers call it before starting any rank
     and every rank calls it again (``pce_dist.train``), so both fail with the same message."""
-    _require(world_size >= 1, "world size", world_size, "must be >= 1")
-    ds = cfg.dist
-    _require(world_size % ds.ep_size == 0, "dist.ep_size", ds.ep_size,
-             f"must divide the world size {world_size} (every expert-parallel group needs exactly "
-             f"ep_size ranks)")
+    check_expert_layout(cfg.dist.ep_size, world_size=world_size, num_experts=cfg.model.num_experts)

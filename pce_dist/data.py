@@ -532,9 +532,9 @@ class _Loader:
             # Stop this epoch's workers now (also on an early break or a worker error), not
             # when the garbage collector gets to the iterator: an exception traceback keeps
             # it alive, and workers forked meanwhile for the next loader would inherit it.
-            shutdown = getattr(batches, "_shutdown_workers", None)
-            if shutdown is not None:
-                shutdown()
+            from pce_dist.compat import shutdown_loader_workers
+
+            shutdown_loader_workers(batches)
         if self._stats["batches"] != expected:  # invariant: every process yields its planned batches
             raise RuntimeError(f"rank {self.rank} produced {self._stats['batches']} batches, planned {expected}")
 
@@ -552,14 +552,7 @@ class TrainLoader(_Loader):
         self.shards = select_shards(manifest.shards(cfg.train_split), cfg.train_shards)
         integrity.require_checkable(self.shards, cfg.verify, manifest.path)
         total = sum(s.num_samples for s in self.shards)
-        nominal = cfg.samples_per_epoch if cfg.resampled and cfg.samples_per_epoch else total
-        self._num_batches = (nominal // world_size) // cfg.batch_size
-        if self._num_batches == 0:
-            raise ValueError(
-                f"{manifest.root} split {cfg.train_split!r} has {nominal} samples: fewer than "
-                f"world_size={world_size} x data.batch_size={cfg.batch_size}, so some rank would get no "
-                f"batch; lower data.batch_size, use fewer ranks"
-                + (", or raise data.samples_per_epoch" if cfg.resampled else ", or use more data"))
+        self._num_batches = train_batches_per_epoch(cfg, manifest, world_size)
         if not cfg.resampled and len(self.shards) < world_size * self.num_workers:
             log.info("%d train shards for %d loader processes: processes share shards and each reads "
                      "past the samples before its range; more shards (--shard-size) read less",
@@ -619,6 +612,22 @@ class EvalLoader(_Loader):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         return self._batches()
+
+
+def train_batches_per_epoch(cfg: DataConfig, manifest: Manifest, world_size: int) -> int:
+    """Batches every rank yields per epoch of the train split: the length of the schedule,
+    known from the manifest alone (no loader is built to learn it)."""
+    shards = select_shards(manifest.shards(cfg.train_split), cfg.train_shards)
+    total = sum(s.num_samples for s in shards)
+    nominal = cfg.samples_per_epoch if cfg.resampled and cfg.samples_per_epoch else total
+    num_batches = (nominal // world_size) // cfg.batch_size
+    if num_batches == 0:
+        raise ValueError(
+            f"{manifest.root} split {cfg.train_split!r} has {nominal} samples: fewer than "
+            f"world_size={world_size} x data.batch_size={cfg.batch_size}, so some rank would get no "
+            f"batch; lower data.batch_size, use fewer ranks"
+            + (", or raise data.samples_per_epoch" if cfg.resampled else ", or use more data"))
+    return num_batches
 
 
 def build_train_loader(cfg: DataConfig, *, rank: int, world_size: int, seed: int, epoch: int,

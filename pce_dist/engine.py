@@ -1,8 +1,9 @@
 """Build the DeepSpeed engine from the typed config.
 
 One function, ``build_engine``, turns (model, config, DistEnv) into a DeepSpeed engine:
-  * ZeRO stage 0/1/2 (3 is refused: DeepSpeed MoE does not support it), gradient clipping
-    and accumulation, bf16 on CUDA and fp32 on CPU (``dist.precision``);
+  * ZeRO stage 0/1/2 (``config.validate`` refuses 3: DeepSpeed MoE does not support it),
+    gradient clipping and accumulation, the precision of the resolved run (bf16 on CUDA,
+    fp32 on CPU by default, ``pce_dist.resolved``);
   * a torch optimizer (AdamW or SGD) whose parameter groups are split the way DeepSpeed's
     MoE path requires (expert parameters in groups marked ``moe``), with no weight decay
     on biases, norms and router keys (keys are unit vectors moved by EMA in phase 1: decay
@@ -23,20 +24,11 @@ import torch
 
 from .config import RunConfig
 from .distributed.env import DistEnv
+from .resolved import resolve_precision
 
 
-def resolve_precision(cfg: RunConfig, env: DistEnv) -> str:
-    if cfg.dist.precision != "auto":
-        if cfg.dist.precision == "bf16" and env.device.type != "cuda":
-            raise ValueError("config key 'dist.precision' = 'bf16': needs a CUDA device; use fp32 on CPU")
-        return cfg.dist.precision
-    return "bf16" if env.device.type == "cuda" else "fp32"
-
-
-def deepspeed_config(cfg: RunConfig, env: DistEnv) -> dict[str, Any]:
-    if cfg.dist.zero_stage not in (0, 1, 2):
-        raise ValueError(f"config key 'dist.zero_stage' = {cfg.dist.zero_stage}: ZeRO-3 is not supported "
-                         "with expert parallelism (DeepSpeed MoE); use 0, 1 or 2")
+def deepspeed_config(cfg: RunConfig, env: DistEnv, precision: str) -> dict[str, Any]:
+    """DeepSpeed's JSON config for a validated ``cfg`` (``config.load_config`` checked every key)."""
     micro = cfg.data.batch_size
     return {
         "train_micro_batch_size_per_gpu": micro,
@@ -44,7 +36,7 @@ def deepspeed_config(cfg: RunConfig, env: DistEnv) -> dict[str, Any]:
         "train_batch_size": micro * cfg.train.grad_accum * env.world_size,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": {"stage": cfg.dist.zero_stage},
-        "bf16": {"enabled": resolve_precision(cfg, env) == "bf16"},
+        "bf16": {"enabled": precision == "bf16"},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,  # our trainer logs; keep DeepSpeed quiet
         "wall_clock_breakdown": False,
@@ -92,31 +84,20 @@ def lr_lambda(cfg: RunConfig, total_steps: int):
     return fn
 
 
-def sync_master_weights(params) -> None:
-    """Write parameters changed outside the optimizer into DeepSpeed's fp32 master copies.
+def build_engine(model: torch.nn.Module, cfg: RunConfig, env: DistEnv, total_steps: int,
+                 precision: str | None = None):
+    """DeepSpeed engine over an already expert-parallelised model; returns (engine, scheduler).
 
-    ZeRO-1/2 and DeepSpeed's bf16 optimizer keep fp32 master weights and copy them over the
-    model's parameters after every step, so a direct write (EMA keys, k-means key init, key
-    re-normalisation) would be undone at the next step. Without master copies (ZeRO-0 in
-    fp32) this is a no-op.
+    ``total_steps`` and ``precision`` come from the resolved run (``ResolvedRun``); a caller
+    without one (a test) gets the precision derived from the config.
     """
-    from deepspeed.utils import safe_set_full_fp32_param
-
-    for param in params:
-        safe_set_full_fp32_param(param, param.detach().float())
-
-
-def build_engine(model: torch.nn.Module, cfg: RunConfig, env: DistEnv, total_steps: int):
-    """DeepSpeed engine over an already expert-parallelised model; returns (engine, scheduler)."""
     import deepspeed
 
-    ds_config = deepspeed_config(cfg, env)
+    ds_config = deepspeed_config(cfg, env, precision or resolve_precision(cfg, env.device.type))
     model = model.to(env.device)
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
-    if not torch.distributed.is_initialized():  # world size 1: DeepSpeed still wants a group
-        deepspeed.init_distributed(dist_backend=env.backend or "gloo", auto_mpi_discovery=False,
-                                   timeout=env.timeout, rank=0, world_size=1)
+    env.ensure_process_group()  # world size 1: DeepSpeed still wants a group
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, dist_init_required=False)
     return engine, scheduler

@@ -2,8 +2,9 @@
 
     python -m pce_dist.evaluate MODEL.safetensors|MODEL.pt [--data-root DIR] [--split test] [--batch-size N] [--json]
 
-Uses the same data pipeline (``pce_dist.data``) and the same metric arithmetic
-(``pce_dist.evaluation``) as the distributed trainer, so the numbers are comparable. Also
+Uses the same data pipeline (``pce_dist.data``), the same metric arithmetic
+(``pce_dist.evaluation``) and the same metric names (``pce_dist.metrics``) as the
+distributed trainer, so the numbers are comparable. Also
 prints what one image costs (``pce_dist.flops``: total and active parameters, forward
 FLOPs, experts per patch), measured on the split's first batch with the trained routing --
 the numbers that put a PCE run and its dense baseline side by side.
@@ -23,12 +24,20 @@ import sys
 import torch
 
 from . import evaluation, flops
+from . import metrics as names
 from .config import config_from_dict
 from .export import load_exported
 
 
+@dataclasses.dataclass(frozen=True)
+class FileEvaluation:
+    prefix: str  # the split's metric prefix (``names.eval_prefix``): "eval" or the split's name
+    metrics: dict[str, float]  # the split's metrics and ``cost/*``
+    cost: flops.Cost  # what one image costs, on the split's first batch
+
+
 def evaluate_file(path: str, *, data_root: str | None = None, split: str | None = None,
-                  batch_size: int | None = None) -> dict[str, float]:
+                  batch_size: int | None = None) -> FileEvaluation:
     from .data import build_eval_loader
 
     model, config = load_exported(path)
@@ -37,17 +46,15 @@ def evaluate_file(path: str, *, data_root: str | None = None, split: str | None 
                                    batch_size=batch_size or cfg.data.batch_size)
     split = split or cfg.data.eval_split
     loader = build_eval_loader(data_cfg, split, rank=0, world_size=1)
-    sums, layer_sums, _ = evaluation.accumulate(model, loader, device=torch.device("cpu"), dtype=torch.float32,
-                                                num_layers=len(model.routers()), num_experts=cfg.model.num_experts,
-                                                num_classes=cfg.model.num_classes)
-    metrics = evaluation.metrics(sums, layer_sums, prefix="eval" if split == cfg.data.eval_split else split, split=split,
-                                 collapse_usage=cfg.model.collapse_usage)
+    sums = evaluation.accumulate(model, loader, device=torch.device("cpu"), dtype=torch.float32,
+                                 num_layers=len(model.routers()), num_experts=cfg.model.num_experts,
+                                 num_classes=cfg.model.num_classes)
+    prefix = names.eval_prefix(split, cfg.data.eval_split)
+    metrics = names.eval_metrics(sums, prefix=prefix, split=split, collapse_usage=cfg.model.collapse_usage)
     x_BCHW, _, valid_B = next(iter(loader))
     cost = flops.measure(model, x_BCHW[valid_B.bool()])
-    metrics.update({"cost/total_params": float(cost.total_params), "cost/active_params": cost.active_params,
-                    "cost/fwd_mflop_per_img": cost.forward_flops_per_image / 1e6})
-    metrics.update({f"cost/experts_per_patch/layer{i}": k for i, k in enumerate(cost.experts_per_patch)})
-    return metrics
+    metrics.update(names.cost_metrics(cost))
+    return FileEvaluation(prefix=prefix, metrics=metrics, cost=cost)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,18 +67,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print every metric as one JSON object")
     args = ap.parse_args(argv)
     try:
-        metrics = evaluate_file(args.model, data_root=args.data_root, split=args.split, batch_size=args.batch_size)
+        result = evaluate_file(args.model, data_root=args.data_root, split=args.split, batch_size=args.batch_size)
     except (ValueError, FileNotFoundError) as exc:  # a refused or unreadable model, a bad data root
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps(metrics, indent=1))
+        print(json.dumps(result.metrics, indent=1))
     else:
-        key = next(k for k in metrics if k.endswith("/accuracy"))
-        print(f"{key.split('/')[0]} accuracy: {metrics[key]:.4f} on {int(metrics[key.replace('accuracy', 'samples')])} samples")
-        per_patch = ", ".join(f"{v:.2f}" for k, v in metrics.items() if k.startswith("cost/experts_per_patch/"))
-        print(f"params: {int(metrics['cost/total_params']):,} total, {metrics['cost/active_params']:,.0f} active per image; "
-              f"forward {metrics['cost/fwd_mflop_per_img']:.1f} MFLOP/image; experts per patch: {per_patch or '-'}")
+        metrics, cost = result.metrics, result.cost
+        accuracy = metrics[names.split_metric(result.prefix, "accuracy")]
+        samples = metrics[names.split_metric(result.prefix, "samples")]
+        print(f"{result.prefix} accuracy: {accuracy:.4f} on {int(samples)} samples")
+        per_patch = ", ".join(f"{k:.2f}" for k in cost.experts_per_patch)
+        print(f"params: {cost.total_params:,} total, {cost.active_params:,.0f} active per image; "
+              f"forward {cost.forward_flops_per_image / 1e6:.1f} MFLOP/image; experts per patch: {per_patch or '-'}")
     return 0
 
 

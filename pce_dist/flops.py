@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from .model.experts import exact_batches
 from .model.net import PCENet, is_expert_name
 
 
@@ -34,7 +35,7 @@ def measure(model: PCENet, x_BCHW: torch.Tensor) -> Cost:
     was_training = model.training
     model.eval()
     counter = FlopCounterMode(display=False)
-    with counter:
+    with counter, exact_batches(model):  # the model's FLOPs, not the expert batch padding's
         out = model(x_BCHW)
     model.train(was_training)
     total = sum(p.numel() for p in model.parameters())

@@ -1,7 +1,8 @@
 """Diagnostic figures for a run: where the router sends patches, and how that evolves.
 
 Every function is pure: it takes host data (tensors, arrays or lists), writes one PNG to
-``path`` and returns the path. Nothing here is distributed; the trainer gathers the data
+``path`` and returns the path. Nothing here reads a metric name: series logged under a
+name come as arrays (``pce_dist.metrics.usage_over_time``). Nothing here is distributed; the trainer gathers the data
 (every rank runs the forward on the fixed images, because the expert-parallel forward
 contains all-to-all collectives) and calls these on rank 0 only.
 
@@ -16,14 +17,14 @@ size is ``figsize * _DPI`` -- predictable for tests and for side-by-side compari
 same plot across evaluations.
 
 Shape legend: B images, C channels, H/W image size, N = B*P routed patches (row-major
-patch grid per image, ``p = gy * grid_w + gx``), E experts, K classes.
+patch grid per image, ``p = gy * grid_w + gx``), E experts, K classes, L PCE layers,
+T logged steps.
 """
 
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,6 @@ import numpy as np
 _DPI = 100
 _PANEL_IN = 2.2  # inches per image panel: large enough to read a 14x14 patch grid
 _MAX_OVERLAY_ALPHA = 0.6  # a weight-1.0 patch still lets the image show through
-_USAGE_KEY = re.compile(r"^router/usage/layer(\d+)/expert(\d+)$")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -173,35 +173,31 @@ def routing_maps(images_BCHW: Any, layer_routes: Sequence[tuple[Any, int, int]],
 # ----------------------------------------------------------------------------- usage over time
 
 
-def expert_usage_over_time(history_rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
+def expert_usage_over_time(steps_T: Any, usage_TLE: Any, path: str | Path) -> Path:
     """Per layer, one line per expert: the fraction of patches that selected it, vs step.
 
-    Reads ``router/usage/layer{l}/expert{e}`` and ``step`` from each row (``Trainer.history``);
-    rows without a usage key are skipped. With nothing logged yet, the PNG says so rather
-    than failing, so the caller need not special-case the first evaluation.
+    Args:
+        steps_T: the optimizer step of each logged interval.
+        usage_TLE: ``[T, L, E]`` usage per interval, layer and expert (``Trainer.history``
+            through ``pce_dist.metrics.usage_over_time``).
+        path: PNG to write. With nothing logged yet (``T == 0`` or ``L == 0``) the PNG says
+            so rather than failing, so the caller need not special-case the first evaluation.
     """
-    series: dict[int, dict[int, tuple[list[float], list[float]]]] = {}
-    for row in history_rows:
-        if "step" not in row:
-            continue
-        for key, value in row.items():
-            match = _USAGE_KEY.match(key)
-            if match:
-                layer, expert = int(match.group(1)), int(match.group(2))
-                steps, values = series.setdefault(layer, {}).setdefault(expert, ([], []))
-                steps.append(float(row["step"]))
-                values.append(float(value))
-    layers = sorted(series)
-    fig = _figure(6.0, 2.4 * max(1, len(layers)))
-    if not layers:
-        _placeholder(fig.subplots(), "no router/usage metrics logged yet")
+    steps = _array(steps_T).ravel()
+    usage = _array(usage_TLE)
+    if usage.size and (usage.ndim != 3 or usage.shape[0] != steps.shape[0]):
+        raise ValueError(f"usage_TLE must be [T, L, E] with T = {steps.shape[0]} steps, got shape {usage.shape}")
+    num_layers = usage.shape[1] if usage.size else 0
+    fig = _figure(6.0, 2.4 * max(1, num_layers))
+    if not num_layers:
+        _placeholder(fig.subplots(), "no expert usage logged yet")
         return _save(fig, path)
-    colors = expert_colors(max(max(s) for s in series.values()) + 1)
-    axes = fig.subplots(len(layers), 1, squeeze=False, sharex=True)[:, 0]
-    for ax, layer in zip(axes, layers):
-        for expert in sorted(series[layer]):
-            steps, values = series[layer][expert]
-            ax.plot(steps, values, color=colors[expert], linewidth=1.2, label=f"expert {expert}")
+    num_experts = usage.shape[2]
+    colors = expert_colors(num_experts)
+    axes = fig.subplots(num_layers, 1, squeeze=False, sharex=True)[:, 0]
+    for layer, ax in enumerate(axes):
+        for expert in range(num_experts):
+            ax.plot(steps, usage[:, layer, expert], color=colors[expert], linewidth=1.2, label=f"expert {expert}")
         ax.set_ylim(bottom=0.0)
         ax.set_ylabel("usage")
         ax.set_title(f"layer {layer}: fraction of patches routed to each expert", fontsize=9)

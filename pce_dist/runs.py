@@ -12,29 +12,9 @@ import math
 from pathlib import Path
 from typing import Any
 
+from pce_dist.metrics import SUMMARY_METRICS, metric_goal
 from pce_dist.redact import redact
 from pce_dist.tracking import CALL_LIMITS, PROBE_LIMITS, bounded_http, is_remote_uri
-
-# Headline metrics whose whole history is read to find the best value; every other
-# metric costs nothing extra (its latest value comes with the run).
-SUMMARY_METRICS = ("eval/accuracy", "eval/loss", "val/accuracy", "perf/img_per_s")
-_HIGHER_IS_BETTER = ("accuracy", "acc", "top1", "top5", "f1", "precision", "recall", "img_per_s", "samples_per_s",
-                     "throughput")
-_LOWER_IS_BETTER = ("loss", "ce", "error", "err", "step_time_s", "seconds")
-
-
-def metric_goal(key: str) -> str | None:
-    """``"max"`` for accuracy-like names, ``"min"`` for loss-like ones, ``None`` when "best" has no meaning.
-
-    Decided by the last path component (``eval/accuracy`` -> ``accuracy``), so every split
-    and prefix follows the same rule.
-    """
-    name = key.rsplit("/", 1)[-1].lower()
-    if name in _HIGHER_IS_BETTER:
-        return "max"
-    if name in _LOWER_IS_BETTER:
-        return "min"
-    return None
 
 
 def run_dir_store_uri(run_dir: str | Path) -> str:
@@ -79,7 +59,8 @@ def fetch_runs(tracking_uri: str, experiment: str | None = None, *,
     Read-only: a local store that does not exist is an error, not created. Each summary:
     ``run_id, run_name, experiment, status, start_time_ms, wall_time_s, params, tags,
     metrics`` (latest value = value at the highest step) ``and best`` (over the whole
-    history, for the ``best_keys`` that have a ``metric_goal``).
+    history, for the ``best_keys`` that have a ``metrics.metric_goal``). By default the
+    ``best_keys`` are the headline metrics, ``metrics.SUMMARY_METRICS``.
 
     ``wall_time_s`` runs from start to the later of the end time and the last timestamp of
     the ``best_keys`` histories: a resumed run is RUNNING with its previous end time still

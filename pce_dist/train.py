@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from . import metrics as names
 from . import stop as stop_signals
 from .config import RunConfig, load_config, to_dict, to_yaml, validate_world
 from .distributed.env import DistEnv
@@ -104,10 +105,10 @@ class ShardData:
                                  manifest=self.manifest)
 
     def steps_per_epoch(self) -> int:
-        from .data import build_train_loader
+        """Batches per rank and epoch (the manifest tells; no loader is built to learn it)."""
+        from .data import train_batches_per_epoch
 
-        return len(build_train_loader(self.cfg.data, rank=self.env.rank, world_size=self.env.world_size,
-                                      seed=self.cfg.train.seed, epoch=0, manifest=self.manifest))
+        return train_batches_per_epoch(self.cfg.data, self.manifest, self.env.world_size)
 
     def stats(self) -> dict[str, int]:
         if self._last is None:
@@ -183,7 +184,8 @@ def _run(cfg: RunConfig, env: DistEnv, stop: stop_signals.StopRequest, heartbeat
     from .checkpoint import Checkpointer
     from .engine import build_engine
     from .tracking import Tracker
-    from .trainer import Trainer, schedule_length
+    from .resolved import resolve_run
+    from .trainer import Trainer
 
     run_dir = Path(cfg.output_dir).resolve()
     if env.is_main:
@@ -191,11 +193,11 @@ def _run(cfg: RunConfig, env: DistEnv, stop: stop_signals.StopRequest, heartbeat
         (run_dir / "config.yaml").write_text(to_yaml(cfg))  # redacted
     ensure_data(cfg, env)
     data = ShardData(cfg, env)
-    checkpointer = Checkpointer(cfg, env, run_dir)
+    plan = resolve_run(cfg, env, data.steps_per_epoch())  # precision, schedule, placement: derived once
+    checkpointer = Checkpointer(cfg, env, run_dir, portable_optimizer=plan.portable_optimizer)
     resume = checkpointer.find_resume()
     model = build_model_for(cfg, env)
-    _, _, total_steps = schedule_length(cfg, data.steps_per_epoch())  # the LR schedule's length
-    engine, _ = build_engine(model, cfg, env, total_steps)
+    engine, _ = build_engine(model, cfg, env, plan.total_steps, precision=plan.precision)
     torch.manual_seed(cfg.train.seed * 1000 + env.rank + 1)  # per-rank dropout streams (a resume restores them)
     state = checkpointer.load(resume, model, engine) if resume else None
     tracker = Tracker.start(cfg, env, run_dir, resume_run_id=checkpointer.run_id)
@@ -203,7 +205,7 @@ def _run(cfg: RunConfig, env: DistEnv, stop: stop_signals.StopRequest, heartbeat
     status = "FAILED"
     try:
         trainer = Trainer(cfg, env, model, engine, data, tracker, checkpointer, state=state,
-                          should_stop=lambda: stop.requested, on_progress=heartbeat.beat)
+                          should_stop=lambda: stop.requested, on_progress=heartbeat.beat, run=plan)
         metrics = trainer.fit()
         # One decision for every rank: a stop agreed inside fit(), or one that arrived after
         # its last agreement (the final checkpoint is written; the evaluation is skipped).
@@ -213,7 +215,7 @@ def _run(cfg: RunConfig, env: DistEnv, stop: stop_signals.StopRequest, heartbeat
         status = "STOPPED" if stopped else "FINISHED"
         by = env.all_gather_object(stop.name) if stopped else []
         if env.is_main:
-            acc = metrics.get("eval/accuracy")
+            acc = metrics.get(names.EVAL_ACCURACY)
             if status == "FINISHED" and acc is not None:
                 print(f"\n{cfg.data.eval_split} accuracy: {acc:.4f}", flush=True)
             else:

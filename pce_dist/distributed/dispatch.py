@@ -18,6 +18,12 @@ The routing weights never travel: applying them at home is the same sum and keep
 router's gradient local. Both all-to-alls are autograd functions whose backward is the
 reverse all-to-all. A rank with nothing to send or receive still joins every collective.
 
+Traffic is measured, not derived: every exchange goes through ``_all_to_all``, the one
+call of ``all_to_all_single`` here, which counts the bytes of the input tensor it hands
+over that are addressed to *other* ranks (the slice a rank sends itself is a local copy).
+``TrafficStats.routed_bytes`` is the independent figure: routed pairs to remote experts
+times the bytes of one patch, computed from the counts.
+
 Shape legend: N items, E experts (global), M routed pairs sent, R rows received.
 """
 
@@ -33,47 +39,71 @@ from torch import nn
 from ..model.dispatch import combine, plan_routes, run_experts
 
 
+@dataclass
+class TrafficStats:
+    """Traffic to *other* ranks, accumulated until ``reset``.
+
+    ``routed_bytes``: the payload of the routed patches that leave this rank, computed from
+    the routing counts; ``dispatch_bytes``: what the forward dispatch exchanges (counts and
+    patches) actually handed to ``all_to_all_single`` for other ranks; ``return_bytes``:
+    the same for the results travelling back; ``backward_bytes``: both reverse exchanges
+    of the backward pass.
+    """
+
+    routed_bytes: int = 0
+    dispatch_bytes: int = 0
+    return_bytes: int = 0
+    backward_bytes: int = 0
+    calls: int = 0
+
+    def reset(self) -> None:
+        self.routed_bytes = self.dispatch_bytes = self.return_bytes = self.backward_bytes = self.calls = 0
+
+
+def _bytes_to_others(x: torch.Tensor, input_splits: list[int] | None, group) -> int:
+    """Bytes of ``x`` that ``all_to_all_single`` sends to the other ranks of ``group``:
+    all of it but this rank's own split (an equal split when ``input_splits`` is None)."""
+    nbytes = x.element_size() * x.numel()
+    size, me = dist.get_world_size(group), dist.get_rank(group)
+    if input_splits is None:
+        return nbytes - nbytes // size
+    row_bytes = x.element_size() * math.prod(x.shape[1:])
+    return nbytes - input_splits[me] * row_bytes
+
+
+def _all_to_all(out: torch.Tensor, x: torch.Tensor, output_splits: list[int] | None,
+                input_splits: list[int] | None, group, stats: TrafficStats | None, field: str) -> None:
+    """The dispatcher's only ``all_to_all_single``; adds what ``x`` sends to other ranks to
+    ``stats.<field>``."""
+    x = x.contiguous()
+    dist.all_to_all_single(out, x, output_split_sizes=output_splits, input_split_sizes=input_splits, group=group)
+    if stats is not None:
+        setattr(stats, field, getattr(stats, field) + _bytes_to_others(x, input_splits, group))
+
+
 class _AllToAll(torch.autograd.Function):
     """Uneven ``all_to_all_single`` along dim 0; backward sends gradients back the same way.
 
     ``anchor`` (an expert parameter) is an input only so that the output requires grad on
     *every* rank: a rank that sends or receives no rows would otherwise end up with a
     result disconnected from the graph, skip this backward, and leave the other ranks
-    waiting in the reverse all-to-all.
+    waiting in the reverse all-to-all. Forward bytes go to ``stats.<field>``, backward
+    bytes to ``stats.backward_bytes``.
     """
 
     @staticmethod
-    def forward(ctx, x, output_splits: list[int], input_splits: list[int], group, anchor):
-        ctx.group, ctx.output_splits, ctx.input_splits = group, output_splits, input_splits
+    def forward(ctx, x, output_splits: list[int], input_splits: list[int], group, anchor,
+                stats: TrafficStats | None, field: str):
+        ctx.group, ctx.output_splits, ctx.input_splits, ctx.stats = group, output_splits, input_splits, stats
         out = x.new_empty((sum(output_splits), *x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), output_split_sizes=output_splits,
-                               input_split_sizes=input_splits, group=group)
+        _all_to_all(out, x, output_splits, input_splits, group, stats, field)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         grad_in = grad_out.new_empty((sum(ctx.input_splits), *grad_out.shape[1:]))
-        dist.all_to_all_single(grad_in, grad_out.contiguous(), output_split_sizes=ctx.input_splits,
-                               input_split_sizes=ctx.output_splits, group=ctx.group)
-        return grad_in, None, None, None, None
-
-
-@dataclass
-class TrafficStats:
-    """Forward-pass traffic to *other* ranks, accumulated until ``reset``.
-
-    ``routed_bytes`` is the payload of the routed patches that leave this rank;
-    ``dispatch_bytes`` what the dispatch all-to-all actually sends (patches + counts);
-    ``return_bytes`` the results travelling back. Backward moves the same amounts again.
-    """
-
-    routed_bytes: int = 0
-    dispatch_bytes: int = 0
-    return_bytes: int = 0
-    calls: int = 0
-
-    def reset(self) -> None:
-        self.routed_bytes = self.dispatch_bytes = self.return_bytes = self.calls = 0
+        _all_to_all(grad_in, grad_out, ctx.input_splits, ctx.output_splits, ctx.group, ctx.stats, "backward_bytes")
+        return grad_in, None, None, None, None, None, None
 
 
 class AllToAllDispatcher:
@@ -95,7 +125,7 @@ class AllToAllDispatcher:
         # 1. counts: send[e] pairs for global expert e; recv[s*E_local + j] from source s for local j.
         send_counts_E = (weights_NE > 0).sum(dim=0)
         recv_counts_E = torch.empty_like(send_counts_E)
-        dist.all_to_all_single(recv_counts_E, send_counts_E, group=self.group)
+        _all_to_all(recv_counts_E, send_counts_E, None, None, self.group, self.stats, "dispatch_bytes")
         both = torch.cat([send_counts_E, recv_counts_E]).tolist()  # the layer's one host sync
         send, recv = both[:E], both[E:]
         input_splits = [sum(send[d * e_local:(d + 1) * e_local]) for d in range(ep)]
@@ -105,7 +135,7 @@ class AllToAllDispatcher:
         plan = plan_routes(weights_NE, counts=send)
         x_MCnn = x_NCnn.index_select(0, plan.item_M)
         anchor = next(iter(experts.parameters()))
-        x_RCnn = _AllToAll.apply(x_MCnn, output_splits, input_splits, self.group, anchor)
+        x_RCnn = _AllToAll.apply(x_MCnn, output_splits, input_splits, self.group, anchor, self.stats, "dispatch_bytes")
 
         # 3. regroup received rows (source-major) by local expert; run each expert once.
         local_R = torch.repeat_interleave(torch.arange(e_local, device=x_NCnn.device).repeat(ep),
@@ -118,17 +148,8 @@ class AllToAllDispatcher:
         y_RCnn = y_sorted.index_select(0, inverse_R)
 
         # 4. results back home, weighted and summed per patch.
-        y_MCnn = _AllToAll.apply(y_RCnn, input_splits, output_splits, self.group, anchor)
-        self._count(x_MCnn, y_RCnn, input_splits, output_splits, send_counts_E)
-        return combine(y_MCnn, plan.item_M, plan.weight_M, N)
-
-    def _count(self, x_MCnn, y_RCnn, input_splits, output_splits, counts_E) -> None:
-        row_in = math.prod(x_MCnn.shape[1:]) * x_MCnn.element_size()
-        row_out = math.prod(y_RCnn.shape[1:]) * y_RCnn.element_size()
-        rows_out = sum(input_splits) - input_splits[self.ep_rank]
-        rows_back = sum(output_splits) - output_splits[self.ep_rank]
-        count_bytes = counts_E.element_size() * counts_E.numel() * (self.ep_size - 1) // self.ep_size
-        self.stats.routed_bytes += rows_out * row_in
-        self.stats.dispatch_bytes += rows_out * row_in + count_bytes
-        self.stats.return_bytes += rows_back * row_out
+        y_MCnn = _AllToAll.apply(y_RCnn, input_splits, output_splits, self.group, anchor, self.stats, "return_bytes")
+        row_bytes = x_MCnn.element_size() * math.prod(x_MCnn.shape[1:])
+        self.stats.routed_bytes += (sum(input_splits) - input_splits[self.ep_rank]) * row_bytes
         self.stats.calls += 1
+        return combine(y_MCnn, plan.item_M, plan.weight_M, N)

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pce_dist.config import DistConfig
+from pce_dist.config import DistConfig, check_expert_layout
 from pce_dist.distributed.rendezvous import free_port, listen_socket, pin_loopback_transports
 from pce_dist.distributed.slurm import slurm_first_host, slurm_master_port
 
@@ -89,12 +89,7 @@ class DistEnv:
             raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
         if local_rank < 0:
             raise ValueError(f"local rank must be >= 0, got {local_rank}")
-        if ep_size < 1:
-            raise ValueError(f"config key 'dist.ep_size' = {ep_size}: must be >= 1")
-        if world_size % ep_size:
-            raise ValueError(
-                f"config key 'dist.ep_size' = {ep_size}: must divide the world size {world_size} "
-                f"(every expert-parallel group needs exactly ep_size ranks)")
+        check_expert_layout(ep_size, world_size=world_size)
         if backend not in _BACKENDS:
             raise ValueError(f"config key 'dist.backend' = {backend!r}: not one of {list(_BACKENDS)}")
         if timeout_s <= 0:
@@ -184,11 +179,7 @@ class DistEnv:
 
     def local_expert_ids(self, num_experts: int) -> list[int]:
         """Global ids of the experts this rank hosts: a contiguous block chosen by ``ep_rank``."""
-        if num_experts < 1:
-            raise ValueError(f"config key 'model.num_experts' = {num_experts}: must be >= 1")
-        if num_experts % self.ep_size:
-            raise ValueError(
-                f"config key 'dist.ep_size' = {self.ep_size}: must divide model.num_experts={num_experts}")
+        check_expert_layout(self.ep_size, num_experts=num_experts)
         per_rank = num_experts // self.ep_size
         return list(range(self.ep_rank * per_rank, (self.ep_rank + 1) * per_rank))
 
@@ -317,6 +308,55 @@ class DistEnv:
         out: list[Any] = [None] * self.world_size
         dist.all_gather_object(out, obj)
         return out
+
+    # ------------------------------------------------------------------ tensor collectives
+    # The only callers of torch.distributed outside the all-to-all dispatcher: every reduction
+    # the trainer, the key updater, the norm statistics and key init need goes through here.
+
+    def group_size(self, group: str = "dp") -> int:
+        """Ranks in ``group``: "dp" (everyone), "ep" (one expert-parallel group) or "edp"
+        (the ranks hosting the same experts)."""
+        return {"dp": self.world_size, "ep": self.ep_size, "edp": self.world_size // self.ep_size}[group]
+
+    def group_handle(self, group: str) -> Any:
+        """The ``ProcessGroup`` of ``group`` for a library that needs one (DeepSpeed's registry):
+        the default group where this process has no group of its own (one rank)."""
+        handle = {"dp": self.dp_group, "ep": self.ep_group, "edp": self.edp_group}[group]
+        return handle if handle is not None else dist.group.WORLD
+
+    def all_reduce(self, t: torch.Tensor, group: str = "dp") -> torch.Tensor:
+        """Sum ``t`` in place over ``group`` and return it (a no-op for a one-rank group)."""
+        self._require_init()
+        if self.group_size(group) > 1:
+            dist.all_reduce(t, group={"dp": self.dp_group, "ep": self.ep_group, "edp": self.edp_group}[group])
+        return t
+
+    def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's ``t`` (same shape on every rank), indexed by rank."""
+        self._require_init()
+        if self.world_size == 1:
+            return [t]
+        parts = [torch.empty_like(t) for _ in range(self.world_size)]
+        dist.all_gather(parts, t.contiguous())
+        return parts
+
+    def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Rank ``src``'s ``t`` copied in place into every rank's ``t`` (same shape everywhere)."""
+        self._require_init()
+        if self.world_size > 1:
+            dist.broadcast(t, src=src)
+        return t
+
+    def ensure_process_group(self) -> None:
+        """A one-rank default group when none exists: DeepSpeed needs ``torch.distributed``
+        even for a single process. An in-memory store: nothing listens on any port."""
+        if dist.is_initialized():
+            return
+        if self.world_size > 1:
+            raise RuntimeError("DistEnv.init() must be called before building a multi-rank engine")
+        dist.init_process_group(backend=self.backend or self._resolve_backend(), store=dist.HashStore(),
+                                rank=0, world_size=1, timeout=self.timeout)
+        self._owns_process_group = True
 
     def _object_device(self) -> torch.device | None:
         return self.device if self.backend == "nccl" else None

@@ -11,9 +11,10 @@ from .net import PCENet, PCEOutput, build_model
 from .patches import PatchExtractor
 from .router import Router, spp
 from .routing import RouteResult, ThresholdWeights, adaptive_threshold, ema_keys, route
+from .specs import ExpertSpec, RouterSpec
 
 __all__ = [
-    "ConvExpert", "DenseLayer", "DenseReferenceDispatcher", "Dispatcher", "LocalDispatcher", "LossResult",
-    "PCELayer", "PCENet", "PCEOutput", "PatchExtractor", "RoutePlan", "RouteResult", "Router",
+    "ConvExpert", "DenseLayer", "DenseReferenceDispatcher", "Dispatcher", "ExpertSpec", "LocalDispatcher", "LossResult",
+    "PCELayer", "PCENet", "PCEOutput", "PatchExtractor", "RoutePlan", "RouteResult", "Router", "RouterSpec",
     "ThresholdWeights", "adaptive_threshold", "build_model", "ema_keys", "pce_loss", "plan_routes", "route", "spp",
 ]

@@ -4,13 +4,32 @@
 
 The skip is a 1x1 conv + norm when channels change (always the case inside a PCE layer,
 whose patches carry 4 extra positional channels).
+
+Why the convolutions see a padded batch (``bucket_rows``): an expert's batch is the number
+of patches routed to it, a different M at every step. On CPU each new input shape makes
+oneDNN build (and cache, up to 1024 entries, LRU) new convolution primitives; those
+long-lived allocations land between the step's short-lived activations in the glibc
+heap, and with sizes that never repeat the freed holes are never reused exactly -- the
+heap fragments and a rank's RSS grows epoch after epoch while the live memory stays
+flat (benchmarks/memory.py; Fashion-MNIST, 2 ranks: +240/+340 MB in 19 short epochs,
+all of it malloc's free-but-held memory). A dense block, whose batch never changes, does
+not grow. So every convolution runs on the batch rounded up by ``padded_rows`` (zero
+rows; a few dozen shapes per layer instead of hundreds), and only the real rows go on:
+convolutions treat rows independently, so the result and the gradients are those of the
+unpadded batch, and the norms (BatchNorm statistics depend on the batch) see only the
+real rows. The price is at most 7 rows or 1/8 more rows per convolution.
+
+Shape legend: M routed patches (this expert's batch), R = padded_rows(M), C channels, n side.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -24,6 +43,33 @@ def make_norm(kind: str, channels: int) -> nn.Module:
     raise ValueError(f"unknown norm {kind!r} (expected 'batch' or 'group')")
 
 
+# Rows are rounded up to a multiple of max(_MIN_QUANTUM, 2**(floor(log2 M) - 3)): eight sizes
+# per octave (< 1/8 extra rows) and multiples of 8 below 64 rows (<= 7 extra rows).
+_MIN_QUANTUM = 8
+_SIZES_PER_OCTAVE_LOG2 = 3
+
+
+def padded_rows(num_rows: int) -> int:
+    """The batch an expert's convolutions run on for ``num_rows`` real rows (>= num_rows)."""
+    quantum = max(_MIN_QUANTUM, 1 << max(0, num_rows.bit_length() - 1 - _SIZES_PER_OCTAVE_LOG2))
+    return -(-num_rows // quantum) * quantum
+
+
+@contextlib.contextmanager
+def exact_batches(module: nn.Module) -> Iterator[None]:
+    """Within the block, every ``ConvExpert`` in ``module`` runs its convolutions unpadded:
+    for counting the model's FLOPs (``pce_dist.flops``), which padding must not inflate."""
+    experts = [m for m in module.modules() if isinstance(m, ConvExpert)]
+    saved = [m.bucket_rows for m in experts]
+    for m in experts:
+        m.bucket_rows = False
+    try:
+        yield
+    finally:
+        for m, flag in zip(experts, saved):
+            m.bucket_rows = flag
+
+
 class ConvExpert(nn.Module):
     """``[M,C_in,n,n] -> [M,C_out,n,n]``.
 
@@ -31,12 +77,17 @@ class ConvExpert(nn.Module):
     nothing; its empty result stays attached to the input's autograd graph (``+ x.sum()``
     of an empty tensor is 0), so a backward pass visits the same nodes whatever the
     routing -- collectives inside the graph (expert parallelism) stay matched across ranks.
+
+    ``bucket_rows`` (default) runs the convolutions on ``padded_rows(M)`` rows (see the
+    module docstring); a block whose batch size never changes (the dense baseline) passes
+    ``False`` and skips the copies.
     """
 
     def __init__(self, in_channels: int, out_channels: int, *, kernel_size: int = 3,
-                 norm: str = "batch", dropout: float = 0.0) -> None:
+                 norm: str = "batch", dropout: float = 0.0, bucket_rows: bool = True) -> None:
         super().__init__()
         self.out_channels = out_channels
+        self.bucket_rows = bucket_rows
         pad = kernel_size // 2
         self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size, padding=pad, bias=False)
         self.norm1 = make_norm(norm, out_channels)
@@ -50,8 +101,21 @@ class ConvExpert(nn.Module):
         self.act = nn.ReLU(inplace=True)
 
     def forward(self, x_MCnn: torch.Tensor) -> torch.Tensor:
-        if x_MCnn.shape[0] == 0:
+        M = x_MCnn.shape[0]
+        if M == 0:
             return x_MCnn.new_zeros(0, self.out_channels, *x_MCnn.shape[2:]) + x_MCnn.sum()
-        h = self.drop(self.act(self.norm1(self.conv1(x_MCnn))))
-        h = self.norm2(self.conv2(h))
-        return self.act(h + self.skip(x_MCnn))
+        R = padded_rows(M) if self.bucket_rows else M
+
+        def pad(t_MCnn: torch.Tensor) -> torch.Tensor:  # [M,C,n,n] -> [R,C,n,n], zero rows appended
+            return F.pad(t_MCnn, (0, 0, 0, 0, 0, 0, 0, R - M)) if R > M else t_MCnn
+
+        x_RCnn = pad(x_MCnn)
+        # conv(...)[:M] is a contiguous view of the first M rows: no copy before the norm.
+        h_MCnn = self.drop(self.act(self.norm1(self.conv1(x_RCnn)[:M])))
+        h_MCnn = self.norm2(self.conv2(pad(h_MCnn))[:M])
+        if isinstance(self.skip, nn.Sequential):
+            conv, norm = self.skip
+            skip_MCnn = norm(conv(x_RCnn)[:M])
+        else:
+            skip_MCnn = x_MCnn
+        return self.act(h_MCnn + skip_MCnn)

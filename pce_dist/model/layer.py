@@ -16,7 +16,8 @@ from .dispatch import Dispatcher, LocalDispatcher
 from .experts import ConvExpert
 from .patches import PatchExtractor
 from .router import Router
-from .routing import RouteResult, ThresholdWeights
+from .routing import RouteResult
+from .specs import ExpertSpec, RouterSpec
 
 
 class PCELayer(nn.Module):
@@ -30,20 +31,14 @@ class PCELayer(nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, *, patch_size: int, map_size: int,
-                 num_experts: int, expert_kernel: int = 3, expert_norm: str = "batch",
-                 expert_dropout: float = 0.0, router_dim: int = 8, spp_levels=(1, 2, 4),
-                 spp_pool: str = "max", temperature: float = 0.1,
-                 wth: ThresholdWeights = ThresholdWeights(), mask_sharpness: float = 50.0,
-                 ema_alpha: float = 0.99) -> None:
+                 num_experts: int, expert: ExpertSpec = ExpertSpec(), router: RouterSpec = RouterSpec()) -> None:
         super().__init__()
         self.num_experts = num_experts
         self.extractor = PatchExtractor(patch_size, map_size)
-        self.router = Router(in_channels + 4, num_experts, router_dim=router_dim, spp_levels=spp_levels,
-                             spp_pool=spp_pool, temperature=temperature, wth=wth,
-                             mask_sharpness=mask_sharpness, ema_alpha=ema_alpha)
+        self.router = Router(in_channels + 4, num_experts, router)
         self.experts = nn.ModuleDict({
-            str(e): ConvExpert(in_channels + 4, out_channels, kernel_size=expert_kernel,
-                               norm=expert_norm, dropout=expert_dropout)
+            str(e): ConvExpert(in_channels + 4, out_channels, kernel_size=expert.kernel,
+                               norm=expert.norm, dropout=expert.dropout, bucket_rows=expert.pad_batches)
             for e in range(num_experts)
         })
         self.out_proj = nn.Conv2d(out_channels, out_channels, kernel_size=1)
@@ -68,12 +63,12 @@ class PCELayer(nn.Module):
 class DenseLayer(nn.Module):
     """The dense baseline: one expert block over the whole map (one "patch" of size H)."""
 
-    def __init__(self, in_channels: int, out_channels: int, *, map_size: int, expert_kernel: int = 3,
-                 expert_norm: str = "batch", expert_dropout: float = 0.0) -> None:
+    def __init__(self, in_channels: int, out_channels: int, *, map_size: int,
+                 expert: ExpertSpec = ExpertSpec()) -> None:
         super().__init__()
         self.extractor = PatchExtractor(map_size, map_size)
-        self.block = ConvExpert(in_channels + 4, out_channels, kernel_size=expert_kernel,
-                                norm=expert_norm, dropout=expert_dropout)
+        self.block = ConvExpert(in_channels + 4, out_channels, kernel_size=expert.kernel,
+                                norm=expert.norm, dropout=expert.dropout, bucket_rows=False)  # fixed batch
         self.out_proj = nn.Conv2d(out_channels, out_channels, kernel_size=1)
 
     def forward(self, x_BCHW: torch.Tensor) -> tuple[torch.Tensor, None]:

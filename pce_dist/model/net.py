@@ -14,7 +14,8 @@ from ..config import ModelConfig, feature_map_sizes
 from .experts import make_norm
 from .layer import DenseLayer, PCELayer
 from .router import Router, spp
-from .routing import RouteResult, ThresholdWeights
+from .routing import RouteResult
+from .specs import ExpertSpec, RouterSpec
 
 
 @dataclass
@@ -37,22 +38,17 @@ class PCENet(nn.Module):
         self.stem = nn.Sequential(
             nn.Conv2d(cfg.in_channels, cfg.stem_channels, 3, padding=1, bias=False),
             make_norm(cfg.stem_norm, cfg.stem_channels), nn.ReLU(inplace=True))
-        wth = ThresholdWeights(max=cfg.wth_max, entropy=cfg.wth_entropy, gap=cfg.wth_gap)
+        expert, router = ExpertSpec.from_config(cfg), RouterSpec.from_config(cfg)
         self.downsample = nn.ModuleList()
         self.layers = nn.ModuleList()
         in_ch = cfg.stem_channels
         for i, (out_ch, size) in enumerate(zip(cfg.channels, feature_map_sizes(cfg))):
             self.downsample.append(nn.AvgPool2d(2) if cfg.downsample[i] else nn.Identity())
             if cfg.kind == "dense":
-                layer: nn.Module = DenseLayer(in_ch, out_ch, map_size=size, expert_kernel=cfg.expert_kernel,
-                                              expert_norm=cfg.expert_norm, expert_dropout=cfg.expert_dropout)
+                layer: nn.Module = DenseLayer(in_ch, out_ch, map_size=size, expert=expert)
             else:
                 layer = PCELayer(in_ch, out_ch, patch_size=cfg.patch_sizes[i], map_size=size,
-                                 num_experts=cfg.num_experts, expert_kernel=cfg.expert_kernel,
-                                 expert_norm=cfg.expert_norm, expert_dropout=cfg.expert_dropout,
-                                 router_dim=cfg.router_dim, spp_levels=tuple(cfg.spp_levels),
-                                 spp_pool=cfg.spp_pool, temperature=cfg.temperature, wth=wth,
-                                 mask_sharpness=cfg.mask_sharpness, ema_alpha=cfg.key_ema_alpha)
+                                 num_experts=cfg.num_experts, expert=expert, router=router)
             self.layers.append(layer)
             in_ch = out_ch
         head_dim = in_ch * sum(level * level for level in cfg.head_spp_levels)

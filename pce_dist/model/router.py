@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .routing import RouteResult, ThresholdWeights, ema_keys, route
+from .routing import RouteResult, ema_keys, route
+from .specs import RouterSpec
 
 
 def spp(x_NCHW: torch.Tensor, levels: list[int], pool: str = "max") -> torch.Tensor:
@@ -31,32 +32,25 @@ class Router(nn.Module):
     moves them by ``update_keys_ema``. ``set_keys_trainable(True)`` starts phase 2.
     """
 
-    def __init__(self, in_channels: int, num_experts: int, *, router_dim: int = 8,
-                 spp_levels: tuple[int, ...] = (1, 2, 4), spp_pool: str = "max",
-                 temperature: float = 0.1, wth: ThresholdWeights = ThresholdWeights(),
-                 mask_sharpness: float = 50.0, ema_alpha: float = 0.99) -> None:
+    def __init__(self, in_channels: int, num_experts: int, spec: RouterSpec = RouterSpec()) -> None:
         super().__init__()
         self.num_experts = num_experts
-        self.spp_levels = list(spp_levels)
-        self.spp_pool = spp_pool
-        self.temperature = temperature
-        self.wth = wth
-        self.mask_sharpness = mask_sharpness
-        self.ema_alpha = ema_alpha
-        self.proj = nn.Conv2d(in_channels, router_dim, kernel_size=3, padding=1)
-        self.embed_dim = router_dim * sum(level * level for level in self.spp_levels)
+        self.spec = spec
+        self.spp_levels = list(spec.spp_levels)
+        self.proj = nn.Conv2d(in_channels, spec.dim, kernel_size=3, padding=1)
+        self.embed_dim = spec.embed_dim
         self.keys = nn.Parameter(F.normalize(torch.randn(num_experts, self.embed_dim), dim=-1))
         self.keys_trainable = False
 
     def embed(self, patches_NCnn: torch.Tensor) -> torch.Tensor:
         """``[N,C,n,n] -> [N,D]`` patch embeddings (used by routing and by k-means init)."""
-        return spp(self.proj(patches_NCnn), self.spp_levels, self.spp_pool)
+        return spp(self.proj(patches_NCnn), self.spp_levels, self.spec.spp_pool)
 
     def forward(self, patches_NCnn: torch.Tensor) -> RouteResult:
         embeddings_ND = self.embed(patches_NCnn)
         keys_ED = self.keys if self.keys_trainable else self.keys.detach()
-        return route(embeddings_ND, keys_ED, temperature=self.temperature, wth=self.wth,
-                     mask_sharpness=self.mask_sharpness, with_stats=self.training)
+        return route(embeddings_ND, keys_ED, temperature=self.spec.temperature, wth=self.spec.wth,
+                     mask_sharpness=self.spec.mask_sharpness, with_stats=self.training)
 
     def set_keys_trainable(self, trainable: bool) -> None:
         self.keys_trainable = bool(trainable)
@@ -72,4 +66,4 @@ class Router(nn.Module):
     def update_keys_ema(self, sum_wemb_ED: torch.Tensor, sum_w_E: torch.Tensor) -> None:
         """Phase-1 EMA step from statistics already reduced over all data-parallel ranks."""
         self.keys.copy_(ema_keys(self.keys.float(), sum_wemb_ED.float(), sum_w_E.float(),
-                                 self.ema_alpha).to(self.keys.dtype))
+                                 self.spec.ema_alpha).to(self.keys.dtype))

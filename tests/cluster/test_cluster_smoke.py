@@ -12,25 +12,14 @@ import socket
 import sys
 import time
 
-import cloudpickle
 import pytest
 import submitit
 
 pytestmark = pytest.mark.cluster
 
-# The submitted functions below live in this test module, which the job's Python cannot import
-# (tests/ is no package and not on its sys.path): pickle them by value.
-cloudpickle.register_pickle_by_value(sys.modules[__name__])
-
-
-def _procid() -> int:
-    return int(os.environ["SLURM_PROCID"])
-
-
-def _sleep(seconds: float) -> float:
-    time.sleep(seconds)
-    return seconds
-
+# What the jobs below run are standard-library functions (``os.getenv``, ``time.sleep``):
+# submitit pickles them by reference, and the job's Python imports them like any module.
+# A function of this test module would not do -- tests/ is not on the job's sys.path.
 
 def _wait_done(job: submitit.Job, timeout: float, force_check: bool = False) -> float:
     """Bounded wait for a submitit job (job.wait()/results() alone may wait forever)."""
@@ -71,13 +60,13 @@ def test_submitit_job_on_two_nodes_returns_task_ranks(slurm_cluster, tmp_path):
         slurm_partition="debug",
         slurm_additional_parameters={"requeue": True},
     )
-    job = executor.submit(_procid)
+    job = executor.submit(os.getenv, "SLURM_PROCID")
     try:
         submission = job.paths.submission_file.read_text()
         assert sys.executable in submission  # the job runs this venv's python
         assert "#SBATCH --nodes=2" in submission and "#SBATCH --requeue" in submission
         waited = _wait_done(job, timeout=120)
-        assert job.results() == [0, 1], (job.stdout(), job.stderr())
+        assert job.results() == ["0", "1"], (job.stdout(), job.stderr())
         print(f"submitit 2-node job done in {waited:.1f} s")
     finally:
         slurm_cluster.run("scancel", job.job_id, check=False)
@@ -129,7 +118,7 @@ def test_submitit_notices_a_cancelled_job(slurm_cluster, tmp_path):
         pytest.skip("cluster runs without slurmdbd: submitit reads states only from sacct")
     executor = submitit.AutoExecutor(folder=tmp_path / "%j", cluster="slurm")
     executor.update_parameters(nodes=1, tasks_per_node=1, cpus_per_task=1, mem_gb=1, timeout_min=5)
-    job = executor.submit(_sleep, 300)
+    job = executor.submit(time.sleep, 300)
     try:
         slurm_cluster.wait_for_state(job.job_id, "RUNNING", timeout=120)
         job.cancel()

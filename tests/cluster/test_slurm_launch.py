@@ -4,15 +4,14 @@ The launcher runs as a user runs it (a subprocess); jobs are watched through squ
 with bounded waits. One uninterrupted 4-node job (``reference_job``) serves twice: as the
 "trains to completion on 4 nodes" check, and as the reference a preempted, requeued and
 resumed job must match bit for bit. Timings are printed (run with ``-s`` to see them).
+The launcher's pieces that need no cluster are tested in tests/unit/test_slurm_job.py.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -38,16 +37,6 @@ TRAIN_ARGS = [
 JOB_TIMEOUT_S = 150  # one 4-rank attempt takes ~30 s on 2 cores
 # while a preempted job goes around: running, exiting, held after the requeue, starting again
 CYCLE_STATES = {"RUNNING", "COMPLETING", "REQUEUED", "PENDING", "CONFIGURING", "RESV_DEL_HOLD"}
-
-
-def _load_launcher():
-    """``launch/slurm.py`` as a module (launch/ is no package)."""
-    if "pce_launch_slurm" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("pce_launch_slurm", LAUNCHER)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-        spec.loader.exec_module(module)
-    return sys.modules["pce_launch_slurm"]
 
 
 def launch(cluster, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -210,7 +199,7 @@ def test_preempted_job_requeues_and_resumes_exactly(slurm_cluster, digits_root, 
     assert a.keys() == b.keys() and any(".experts." in k for k in a) and any(":optim:" in k for k in a)
     for key in a:
         if key.endswith((".running_mean", ".running_var")):
-            # averaged over the ranks at every checkpoint (Trainer.sync_norm_statistics); the
+            # averaged over the ranks at every checkpoint (distributed.norm_stats.average); the
             # stop checkpoint adds one averaging the reference run does not have. The running
             # update is linear, so the final average is the same -- to float rounding.
             torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
@@ -299,40 +288,3 @@ def test_bad_options_fail_before_submission(slurm_cluster, tmp_path, args, messa
     assert message in proc.stderr and "launch/slurm.py: error:" in proc.stderr, proc.stderr
     assert not out.exists()
     assert slurm_cluster.run("squeue", "-h", "-t", "all", "--name", name).stdout.strip() == ""
-
-
-# ----------------------------------------------------------------------------- the pieces, in process
-
-
-@pytest.mark.timeout(30, func_only=True)
-def test_option_defaults_and_time_parsing():
-    slurm = _load_launcher()
-    parse = slurm.build_parser().parse_intermixed_args
-    gpu = slurm.JobSpec.from_args(parse(["--nodes", "2"]))
-    assert (gpu.gpus_per_node, gpu.tasks_per_node, gpu.cpus_per_task, gpu.world_size) == (8, 8, 8, 16)
-    cpu = slurm.JobSpec.from_args(parse(["--nodes", "3", "--gpus-per-node", "0"]))
-    assert (cpu.tasks_per_node, cpu.cpus_per_task, cpu.world_size, cpu.cpu_only) == (1, None, 3, True)
-    assert [slurm.parse_time(t) for t in ("90", "1:30", "2:00:00", "1-0", "1-2:30", "0-0:0:59")] == \
-        [90, 2, 120, 1440, 1590, 1]
-    for bad, message in ((["--time", "0"], "--time"), (["--gpus-per-node", "2", "--tasks-per-node", "4"], "GPU"),
-                         (["--time", "2", "--signal-delay", "120"], "--signal-delay"),
-                         (["--cluster", "local", "--nodes", "2"], "--nodes must be 1"), (["--mem", "lots"], "--mem")):
-        with pytest.raises(slurm.LaunchError, match=message):
-            slurm.JobSpec.from_args(parse(bad))
-    assert slurm.why_not_requeue("slurm", 0, 3) is None
-    assert "--max-requeues 3" in slurm.why_not_requeue("slurm", 3, 3)
-    assert "cannot requeue" in slurm.why_not_requeue("local", 0, 3)
-
-
-def test_secrets_stay_out_of_the_pickled_job_and_come_back_in_the_task(monkeypatch):
-    """The job's config is redacted; the live value travels as an override in the environment."""
-    slurm = _load_launcher()
-    from pce_dist.config import apply_overrides, config_from_dict, load_config
-
-    live = "http://alice:hunter22@127.0.0.1:5055"
-    cfg = load_config("configs/digits.yaml", [f"tracking.tracking_uri={live}"])
-    redacted, overrides = slurm.split_secrets(cfg)
-    assert "hunter22" not in str(redacted) and redacted["tracking"]["tracking_uri"] == live.replace("hunter22", "***")
-    monkeypatch.setenv(slurm.SECRETS_ENV, __import__("json").dumps(overrides))
-    restored = apply_overrides(config_from_dict(redacted), slurm._secret_overrides())
-    assert restored.tracking.tracking_uri == live and restored == cfg

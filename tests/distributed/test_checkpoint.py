@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from inmemory import EXACT, GLOBAL_BATCH, InMemoryData, NullTracker
 from multiproc import RankFailed, spawn
-from test_training import EXACT, GLOBAL_BATCH, InMemoryData, NullTracker
 
 from pce_dist.checkpoint import Checkpointer, _deepspeed_optimizer_globals
 from pce_dist.config import load_config
-from pce_dist.distributed import DistEnv
+from pce_dist.distributed import DistEnv, norm_stats
 from pce_dist.engine import build_engine
 from pce_dist.export import export, load_exported
 from pce_dist.train import build_model_for
@@ -39,7 +39,7 @@ def _train_and_save(rank, world, run_dir, overrides, steps):
     cfg, env, model, engine, ckpt = _setup(world, run_dir, overrides + [f"train.max_steps={steps}"])
     trainer = Trainer(cfg, env, model, engine, InMemoryData(env.rank, world, num_batches=8), NullTracker(), ckpt)
     trainer.fit()
-    return str(ckpt.save(trainer, reason="test"))
+    return str(trainer.save_checkpoint("test"))
 
 
 def _fixed_input():
@@ -96,7 +96,7 @@ def _crash_during_save(rank, world, run_dir, crash_at):
     cfg, env, model, engine, ckpt = _setup(world, run_dir, ["train.max_steps=2"])
     trainer = Trainer(cfg, env, model, engine, InMemoryData(env.rank, world, num_batches=8), NullTracker(), ckpt)
     trainer.fit()
-    first = ckpt.save(trainer)
+    first = trainer.save_checkpoint()
     trainer.state.global_step += 1  # a later step
     real_save, real_replace, real_write = ck._atomic_save, os.replace, ck._atomic_write_text
 
@@ -109,7 +109,7 @@ def _crash_during_save(rank, world, run_dir, crash_at):
         ck.os.replace = lambda a, b: die() if Path(a).name.startswith(".tmp-") else real_replace(a, b)
     elif crash_at == "latest":
         ck._atomic_write_text = lambda path, text: die() if path.name == "latest" else real_write(path, text)
-    ckpt.save(trainer)
+    trainer.save_checkpoint()
     return str(first)
 
 
@@ -129,9 +129,14 @@ def test_kill_during_checkpoint_write_keeps_latest_whole(tmp_path, crash_at):
     assert (root / "latest").read_text() == "step_00000002"
     name, step = spawn(_resume_state, 1, args=(str(run_dir),), timeout_s=60)[0]
     assert (name, step) == ("step_00000002", 2)
-    if crash_at != "latest":  # the half-written checkpoint never looks whole
-        assert not (root / "step_00000003").exists()
-        assert not (root / ".tmp-step_00000003" / "meta.json").exists() or crash_at == "rename"
+    tmp, final = root / ".tmp-step_00000003", root / "step_00000003"
+    # where the kill landed, seen on disk: each case reached its own point of the save
+    if crash_at == "shard":  # mid-write: no meta.json, nothing published
+        assert tmp.is_dir() and not (tmp / "meta.json").exists() and not final.exists()
+    elif crash_at == "rename":  # complete but never renamed into place: still invisible
+        assert (tmp / "meta.json").is_file() and not final.exists()
+    else:  # published, but ``latest`` was not replaced: the resume above ignored it
+        assert (final / "meta.json").is_file() and not tmp.exists()
 
 
 def test_incompatible_config_is_refused(tmp_path):
@@ -195,13 +200,12 @@ def _norm_stats_before_and_after_sync(rank, world, run_dir):
     cfg, env, model, engine, _ = _setup(world, run_dir, ["dist.ep_size=2", "model.expert_norm=batch",
                                                          "model.stem_norm=batch"])
     data = InMemoryData(env.rank, world, num_batches=8)
-    trainer = Trainer(cfg, env, model, engine, data, NullTracker(), None)
     model.train()
     for x, _ in data.train_loader(0, 0)[:2]:
         model(x)  # each rank's running statistics move with its own micro-batches only
     stats = lambda: {k: v.clone() for k, v in model.named_buffers() if v.is_floating_point()}  # noqa: E731
     before = stats()
-    trainer.sync_norm_statistics()
+    norm_stats.average(model, env)
     return env.rank, before, stats()
 
 

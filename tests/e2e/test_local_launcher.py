@@ -112,9 +112,16 @@ def test_single_rank_runs_in_process(tmp_path):
     assert "'a=1']" in (out / "logs" / "rank0.log").read_text()
 
 
-def test_bad_config_is_reported_before_any_rank_starts(tmp_path):
-    res = subprocess.run(_cmd("--nproc", "2", "model.no_such_key=1"),
+@pytest.mark.parametrize("output_dir", [True, False], ids=["output-dir", "config-output-dir"])
+def test_bad_config_is_reported_before_any_rank_starts(tmp_path, output_dir):
+    """The launcher checks the config itself, with or without ``--output-dir``: the message is
+    the launcher's (a rank would say ``pce_dist.train: error``), and no rank wrote a log."""
+    out = tmp_path / "run"
+    args = ["--output-dir", str(out)] if output_dir else []
+    res = subprocess.run(_cmd("--nproc", "2", *args, "model.no_such_key=1"),
                          cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=60)
-    assert res.returncode == 2
-    assert "model.no_such_key" in res.stderr
-    assert not (tmp_path / "runs").exists()
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "launch/local.py: error:" in res.stderr and "'model.no_such_key'" in res.stderr, res.stderr
+    assert "pce_dist.train" not in res.stdout + res.stderr and "[launch] rank" not in res.stderr
+    written = out if output_dir else tmp_path / "runs"  # config default: output_dir=runs/default
+    assert not written.exists(), sorted(str(p) for p in written.rglob("*"))

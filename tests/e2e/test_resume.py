@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train_e2e import launch, mlflow_run
+from e2e_runs import launch, mlflow_run
 
 OVERRIDES = ["dist.ep_size=2", "train.max_steps=30", "checkpoint.every_steps=8", "train.log_every_steps=1",
              "checkpoint.keep_last=10"]

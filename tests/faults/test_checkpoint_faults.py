@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "distributed"))  # the process harness and in-memory data
 
 from multiproc import RankFailed, spawn  # noqa: E402
-from test_training import EXACT, GLOBAL_BATCH, InMemoryData, NullTracker  # noqa: E402
+from inmemory import EXACT, GLOBAL_BATCH, InMemoryData, NullTracker  # noqa: E402
 
 from pce_dist.checkpoint import Checkpointer  # noqa: E402
 from pce_dist.config import load_config  # noqa: E402

@@ -23,7 +23,7 @@ import torch
 from runs import digits_args, finish, launch, mlflow_run
 from webdataset.gopen import gopen
 
-from pce_dist import evaluation
+from pce_dist import metrics
 from pce_dist.config import DataConfig, load_config
 from pce_dist.data import (CorruptDataError, build_eval_loader, build_train_loader, read_manifest,
                            resolve_url)
@@ -196,10 +196,14 @@ def test_empty_eval_split_is_an_error(shards):
 
 def test_metrics_over_no_valid_sample_name_the_split():
     """What the trainer computes after the all-reduce when every rank counted nothing."""
+    empty = metrics.EvalAccumulator.zeros(num_layers=2, num_experts=4, num_classes=2, device="cpu")
     with pytest.raises(ValueError, match=r"split 'test' saw no valid sample"):
-        evaluation.metrics(torch.zeros(3), torch.zeros(2, 7), prefix="eval", split="test", collapse_usage=0.01)
-    ok = evaluation.metrics(torch.tensor([3.0, 2.0, 4.0]), torch.ones(2, 7), prefix="eval", collapse_usage=0.01)
-    assert ok["eval/accuracy"] == 0.5 and ok["eval/samples"] == 4.0
+        metrics.eval_metrics(empty, prefix="eval", split="test", collapse_usage=0.01)
+    ok = metrics.EvalAccumulator.zeros(num_layers=2, num_experts=4, num_classes=2, device="cpu")
+    ok.sums_S.copy_(torch.tensor([3.0, 2.0, 4.0]))
+    ok.layers_LS.fill_(1.0)
+    out = metrics.eval_metrics(ok, prefix="eval", collapse_usage=0.01)
+    assert out["eval/accuracy"] == 0.5 and out["eval/samples"] == 4.0
 
 
 # ----------------------------------------------------------------------------- hostile names

@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 import threading
 
 import pytest
-from runs import LAUNCHER, finish, launch
+from runs import finish, launch
 
-
-def _launcher_module():
-    spec = importlib.util.spec_from_file_location("local_launcher", LAUNCHER)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+from pce_dist.launch.ranks import _pump
 
 
 @pytest.mark.parametrize("overrides, nproc, culprit", [
@@ -42,12 +34,11 @@ def test_bad_config_exit_code_is_2(tmp_path):
 
 def test_relay_goes_on_when_the_log_disk_is_full():
     """``/dev/full`` answers every write with ENOSPC, as a full ``logs/`` would."""
-    local = _launcher_module()
     read_fd, write_fd = os.pipe()
     terminal_r, terminal_w = os.pipe()
     with open("/dev/full", "wb", buffering=0) as full, os.fdopen(terminal_w, "wb", buffering=0) as terminal, \
             os.fdopen(read_fd, "rb", buffering=0) as src:
-        relay = threading.Thread(target=local._pump, args=(src, terminal, full))
+        relay = threading.Thread(target=_pump, args=(src, terminal, full))
         relay.start()
         received = bytearray()
 

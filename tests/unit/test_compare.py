@@ -9,12 +9,12 @@ from __future__ import annotations
 import csv
 import io
 import shutil
-from pathlib import Path
 
 import pytest
 
 from pce_dist import compare
-from pce_dist.runs import fetch_runs, metric_goal
+from pce_dist.metrics import metric_goal
+from pce_dist.runs import fetch_runs
 
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")  # inside MLflow
 
@@ -44,7 +44,7 @@ def stores(tmp_path_factory):
         params = {**_SHARED, "model.num_experts": str(experts)}
         metrics = [Metric(key, value, _T0 + 1000 * step, step)
                    for key, series in (("eval/accuracy", acc), ("eval/loss", loss), ("perf/img_per_s", img_s),
-                                       ("train/loss", loss), ("router/layer0/entropy", [0.5, 0.4, 0.3]))
+                                       ("train/loss", loss), ("router/val/layer0/entropy", [0.5, 0.4, 0.3]))
                    for step, value in zip((10, 20, 30), series)]
         c.log_batch(rid, metrics=metrics, params=[Param(k, v) for k, v in params.items()])
         if end_s is not None:
@@ -119,10 +119,10 @@ def test_sort(stores, capsys, sort, order):
 
 
 def test_extra_metrics_get_best_only_when_it_has_a_meaning(stores, capsys):
-    rows = _csv(capsys, "--run-dir", str(stores[0]), "--metrics", "train/loss,router/layer0/entropy")
-    assert {"train/loss:best", "train/loss:final", "router/layer0/entropy:final"} <= set(rows[0])
-    assert "router/layer0/entropy:best" not in rows[0]
-    assert metric_goal("router/layer0/entropy") is None and metric_goal("val/accuracy") == "max"
+    rows = _csv(capsys, "--run-dir", str(stores[0]), "--metrics", "train/loss,router/val/layer0/entropy")
+    assert {"train/loss:best", "train/loss:final", "router/val/layer0/entropy:final"} <= set(rows[0])
+    assert "router/val/layer0/entropy:best" not in rows[0]
+    assert metric_goal("router/val/layer0/entropy") is None and metric_goal("val/accuracy") == "max"
 
 
 def test_several_run_dirs_in_one_table(stores, capsys):

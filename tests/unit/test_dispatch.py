@@ -5,13 +5,13 @@ import copy
 import pytest
 import torch
 
-from pce_dist.model import DenseReferenceDispatcher, PCELayer, plan_routes
+from pce_dist.model import DenseReferenceDispatcher, ExpertSpec, PCELayer, RouterSpec, plan_routes
 
 
 def _layer(norm="group", E=4, seed=0):
     torch.manual_seed(seed)
-    return PCELayer(6, 8, patch_size=4, map_size=8, num_experts=E, expert_norm=norm, expert_dropout=0.0,
-                    temperature=0.2)
+    return PCELayer(6, 8, patch_size=4, map_size=8, num_experts=E, expert=ExpertSpec(norm=norm),
+                    router=RouterSpec(temperature=0.2))
 
 
 def _run(layer, x):

@@ -39,16 +39,27 @@ def test_subsampled_kmeans_is_deterministic_and_scored_on_every_row():
     assert sub.objective == pytest.approx(expected, rel=1e-3)
 
 
-def test_init_keys_layer_by_layer_is_deterministic():
+def _keyinit_setup():
     cfg = load_config(None, ["model.num_experts=3"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    g = torch.Generator().manual_seed(1)
+    return model, [torch.randn(8, 1, 28, 28, generator=g) for _ in range(2)]
 
+
+@torch.no_grad()
+def _kmeans_keys(model, batches, layer):
+    """What k-means makes of layer ``layer``'s embeddings in the model as it is now."""
+    model.eval()
+    emb_ND = torch.cat([model(x).routes[layer].embeddings_ND for x in batches])
+    centroids_KD = kmeans(emb_ND.numpy(), 3, niter=10, seed=0 + layer).centroids_KD
+    return torch.nn.functional.normalize(torch.from_numpy(centroids_KD), dim=-1)
+
+
+def test_init_keys_layer_by_layer_is_deterministic():
     def run():
-        torch.manual_seed(0)
-        model = build_model(cfg.model)
-        g = torch.Generator().manual_seed(1)
-        batches = [torch.randn(8, 1, 28, 28, generator=g) for _ in range(2)]
-        records = init_keys(model, batches, max_samples=500, niter=10, seed=0)
-        return model, records
+        model, batches = _keyinit_setup()
+        return model, init_keys(model, batches, max_samples=500, niter=10, seed=0)
 
     m1, rec = run()
     m2, _ = run()
@@ -58,3 +69,12 @@ def test_init_keys_layer_by_layer_is_deterministic():
         assert torch.equal(r1.keys, r2.keys)
         assert torch.allclose(r1.keys.norm(dim=1), torch.ones(3), atol=1e-5)
     assert m1.training  # mode restored
+
+    # the reference, layer by layer: layer 1's embeddings come from the net with layer 0's new keys
+    ref, batches = _keyinit_setup()
+    untouched_keys_1 = _kmeans_keys(ref, batches, 1)  # what initialising every layer at once would give
+    for layer, router in enumerate(ref.routers()):
+        router.set_keys(_kmeans_keys(ref, batches, layer))
+    for layer, (got, want) in enumerate(zip(m1.routers(), ref.routers())):
+        torch.testing.assert_close(got.keys, want.keys, rtol=0, atol=1e-6, msg=f"layer {layer}")
+    assert not torch.allclose(m1.routers()[1].keys, untouched_keys_1, atol=1e-3)  # the order matters here

@@ -1,3 +1,6 @@
+import ast
+import pathlib
+
 import pytest
 import torch
 
@@ -75,20 +78,86 @@ def test_same_seed_same_losses():
     assert losses() == losses()
 
 
-def test_pce_net_is_pure_tensor_code():
-    import ast
-    import pathlib
+# Pure tensor code: pce_dist.model imports none of these, directly, lazily inside a function,
+# through a relative import, or through another pce_dist module it imports. Two apply to the
+# model's own files only: "os" (the model never reads the environment) and pce_dist.distributed,
+# whose names resolve lazily (PEP 562), so its imports cannot be followed by reading files.
+_IMPURE = ("torch.distributed", "deepspeed", "mlflow", "webdataset", "submitit")
+_MODEL_ONLY = ("os", "pce_dist.distributed")
+_PKG_ROOT = pathlib.Path(__file__).resolve().parents[2] / "pce_dist"
 
-    import pce_dist.model as pkg
-    forbidden = {"torch.distributed", "deepspeed", "mlflow", "webdataset", "os", "submitit"}
-    for path in pathlib.Path(pkg.__file__).parent.glob("*.py"):
-        tree = ast.parse(path.read_text())
-        for node in ast.walk(tree):
-            names = []
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                names = [node.module]
-            for name in names:
-                assert not any(name == f or name.startswith(f + ".") for f in forbidden), (path.name, name)
+
+def _imported_modules(source: str, module: str, is_package: bool) -> list[str]:
+    """Absolute names of everything ``source`` (module ``module``) imports, anywhere in its
+    tree; relative imports are resolved against the module's package, and ``from a import b``
+    yields both ``a`` and ``a.b`` (b may be a submodule)."""
+    package = module if is_package else module.rpartition(".")[0]
+    names = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = package.split(".")
+                if node.level - 1 >= len(parts):
+                    raise ValueError(f"{module}: relative import beyond the top-level package")
+                base = ".".join(parts[:len(parts) - (node.level - 1)] + ([node.module] if node.module else []))
+            else:
+                base = node.module
+            names += [base] + [f"{base}.{alias.name}" for alias in node.names]
+    return names
+
+
+def _source_of(module: str) -> tuple[str, bool] | None:
+    """(source, is_package) of a pce_dist module, None when ``module`` is not one."""
+    parts = module.split(".")
+    if parts[0] != "pce_dist":
+        return None
+    base = _PKG_ROOT.joinpath(*parts[1:])
+    if (base / "__init__.py").is_file():
+        return (base / "__init__.py").read_text(), True
+    if base.with_suffix(".py").is_file():
+        return base.with_suffix(".py").read_text(), False
+    return None
+
+
+def _purity_violations(extra: dict[str, str] | None = None) -> list[str]:
+    """Every forbidden import reachable from pce_dist.model, as "importer -> ... -> name".
+
+    ``extra`` adds (or replaces) model modules by source text, to test the checker itself."""
+    extra = extra or {}
+    model_modules = {f"pce_dist.model.{p.stem}" for p in (_PKG_ROOT / "model").glob("*.py") if p.stem != "__init__"}
+    todo = [(m, m) for m in sorted(model_modules | set(extra) | {"pce_dist.model"})]
+    seen, violations = set(), []
+    while todo:
+        module, chain = todo.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        found = (extra[module], False) if module in extra else _source_of(module)
+        if found is None:
+            continue
+        in_model = module == "pce_dist.model" or module.startswith("pce_dist.model.")
+        forbidden = _IMPURE + (_MODEL_ONLY if in_model else ())
+        for name in _imported_modules(found[0], module, found[1]):
+            if any(name == f or name.startswith(f + ".") for f in forbidden):
+                violations.append(f"{chain} -> {name}")
+            parts = name.split(".")  # importing a.b.c runs a, a.b and a.b.c
+            todo += [(".".join(parts[:i]), f"{chain} -> {'.'.join(parts[:i])}") for i in range(1, len(parts) + 1)]
+    return violations
+
+
+def test_pce_net_is_pure_tensor_code():
+    assert _purity_violations() == []
     assert isinstance(build_model(load_config().model), PCENet)
+
+
+@pytest.mark.parametrize("source", [
+    "from ..distributed import DistEnv",  # relative, resolved against pce_dist.model
+    "from .. import trainer",  # a sibling package module, reached through its own imports
+    "from torch import distributed as dist",
+    "def f():\n    import deepspeed\n",  # lazy
+    "from os import environ",
+])
+def test_purity_check_catches_what_it_forbids(source):
+    assert _purity_violations({"pce_dist.model.fake": source}), source

@@ -73,11 +73,17 @@ def test_routing_maps_rejects_mismatched_routes(tmp_path):
 
 
 def test_expert_usage_over_time(tmp_path):
-    history = [{"step": s, "train/loss": 1.0, **{f"router/usage/layer{l}/expert{e}": (s * (e + 1)) % 7 / 7
-                                                 for l in range(2) for e in range(4)}} for s in range(10, 60, 10)]
-    image = _open_png(plots.expert_usage_over_time(history, tmp_path / "usage.png"))
+    steps_T = np.arange(10, 60, 10)
+    usage_TLE = np.array([[[(s * (e + 1)) % 7 / 7 for e in range(4)] for _ in range(2)] for s in steps_T])
+    image = _open_png(plots.expert_usage_over_time(steps_T, usage_TLE, tmp_path / "usage.png"))
     assert image.size[0] >= 600 and image.size[1] == round(2 * 2.4 * plots._DPI)  # one subplot per layer
-    _open_png(plots.expert_usage_over_time([], tmp_path / "empty.png"))  # first evaluation: nothing logged yet
+    pixels = np.asarray(image.convert("RGB")).reshape(-1, 3).astype(int)
+    for rgba in plots.expert_colors(4):  # every expert's line is drawn in its colour (its legend entry alone: ~45 px)
+        assert (np.abs(pixels - np.round(255 * rgba[:3])).max(1) <= 2).sum() > 200, rgba
+    empty = np.zeros((0, 2, 4))  # first evaluation: nothing logged yet
+    _open_png(plots.expert_usage_over_time(np.zeros(0), empty, tmp_path / "empty.png"))
+    with pytest.raises(ValueError, match=r"\[T, L, E\] with T = 5"):
+        plots.expert_usage_over_time(steps_T, usage_TLE[:3], tmp_path / "bad.png")
 
 
 def test_threshold_histogram_from_a_real_forward(tmp_path, gray_forward):

@@ -10,12 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest

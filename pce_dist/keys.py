@@ -1,0 +1,77 @@
+"""The router keys' life in training, in one place: phase switch, EMA, reduction, master sync.
+
+Phase 1 (epoch < ``train.phase2_epoch``): keys are detached in the forward and moved by the
+EMA. The statistics of every micro-batch of an optimizer step are summed locally
+(``accumulate``, on the device: no host sync), then all-reduced over the data-parallel
+group once per optimizer step and applied once (``after_optimizer_step``) -- so every rank
+holds bit-identical keys and gradient accumulation does not double count.
+
+Phase 2: keys are trained by the optimizer, then projected back onto the unit sphere after
+every step.
+
+Either way a key written outside the optimizer must also be written into DeepSpeed's fp32
+master copy: ZeRO-1/2 and DeepSpeed's bf16 optimizer copy their master weights over the
+model's parameters after every step, so a direct write (EMA, k-means init, re-normalisation)
+would be undone at the next step (``sync_master``; a no-op without master copies).
+
+Why not an optimizer-step hook (as torchtitan does for its expert bias): under ZeRO the
+torch optimizer's step runs inside DeepSpeed's, before DeepSpeed copies the master weights
+back, so a hook would write keys that the copy then overwrites. The trainer calls
+``after_optimizer_step`` right after ``engine.step()`` at each accumulation boundary instead.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .distributed.env import DistEnv
+from .model.net import PCENet
+from .model.routing import RouteResult
+
+
+class KeyUpdater:
+    """Owns every change of the router keys after key init (see the module docstring)."""
+
+    def __init__(self, model: PCENet, env: DistEnv) -> None:
+        self.model, self.env = model, env
+        self.phase2 = False
+        self._stats: list[torch.Tensor] | None = None  # per layer: [E*D + E] sums of this window
+
+    def start_epoch(self, phase2: bool) -> None:
+        """Detached (EMA) keys in phase 1, trainable keys in phase 2."""
+        self.phase2 = phase2
+        self.model.set_keys_trainable(phase2)
+        self._stats = None
+
+    def accumulate(self, routes: list[RouteResult]) -> None:
+        """Add one micro-batch's EMA statistics (phase 1 only; device tensors)."""
+        if self.phase2 or not routes:
+            return
+        stats = [torch.cat([r.sum_wemb_ED.float().flatten(), r.sum_w_E.float()]) for r in routes]
+        self._stats = stats if self._stats is None else [a + s for a, s in zip(self._stats, stats)]
+
+    def after_optimizer_step(self) -> None:
+        """At an accumulation boundary: one all-reduce and one EMA step (phase 1), or the
+        re-normalisation of the trained keys (phase 2); then the master copies."""
+        routers = self.model.routers()
+        if not routers:
+            return
+        if self._stats is not None:
+            flat = self.env.all_reduce(torch.cat(self._stats))
+            self._stats = None
+            per_layer, offset = [], 0
+            for router in routers:
+                E, D = router.keys.shape
+                per_layer.append((flat[offset:offset + E * D].view(E, D), flat[offset + E * D:offset + E * D + E]))
+                offset += E * D + E
+            self.model.update_keys_ema(per_layer)
+        if self.phase2:
+            self.model.normalize_keys()
+        self.sync_master()
+
+    def sync_master(self) -> None:
+        """Write the keys into DeepSpeed's fp32 master copies (after any direct write)."""
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        for router in self.model.routers():
+            safe_set_full_fp32_param(router.keys, router.keys.detach().float())

@@ -1,0 +1,385 @@
+"""Every metric name pce_dist logs, and the typed sums the values come from.
+
+This is the one module that spells a metric name. The trainer, the standalone evaluator,
+``compare``/``runs`` and the docs take names from here; nothing parses a name back. A
+reader that wants a series (the usage plot) looks it up under the name built here
+(``usage_over_time``), and gets arrays.
+
+Schema. ``<p>`` is the phase prefix: ``train`` for training, ``eval`` for
+``data.eval_split``, the split's own name for any other split (``val``); see ``eval_prefix``.
+
+    train/loss, train/ce, train/confidence, train/collapse   mean per micro-batch of the log interval
+    train/accuracy, train/lr, train/epoch, train/phase
+    <p>/loss, <p>/accuracy, <p>/samples                      one evaluation of a split
+    router/<p>/layer<l>/usage/expert<e>                      fraction of layer l's patches that selected e
+    router/<p>/layer<l>/entropy                              mean routing entropy per patch    (evaluations)
+    router/<p>/layer<l>/threshold                            mean adaptive threshold            (evaluations)
+    router/<p>/layer<l>/experts_per_patch                    mean number of selected experts    (evaluations)
+    router/<p>/layer<l>/collapse                             experts with usage < collapse_usage (evaluations)
+    perf/img_per_s, perf/step_time_s
+    comm/routed_bytes_per_step, comm/dispatch_bytes_per_step, comm/return_bytes_per_step
+    keyinit/seconds_total, keyinit/layer<l>/objective, keyinit/layer<l>/kmeans_seconds
+    data/<count>                                             samples_skipped, samples_padded, shards_failed, ...
+    cost/total_params, cost/active_params, cost/fwd_mflop_per_img, cost/experts_per_patch/layer<l>
+                                                             (``python -m pce_dist.evaluate`` only)
+
+Why the router family carries the phase: training and every evaluated split are separate
+series of the same quantities, laid out alike. Before, training logged
+``router/usage/layer<l>/expert<e>``, evaluations ``router/eval_usage/layer<l>/expert<e>``
+and ``router/layer<l>/<stat>`` -- and the val and test evaluations wrote the same
+``router/layer<l>/entropy``. ``router/`` stays the first segment (not ``train/router/...``)
+because MLflow groups charts by it: the routing diagnostics stay one group, the layer next
+so one layer's statistics sit together.
+
+Why this module imports neither torch nor numpy at import time: ``compare`` and ``runs``
+read names from here and should not pay for torch; the accumulators import it where they
+make tensors (callers have imported it already, so that is a dictionary look-up).
+
+Accumulators: each keeps its running sums in *one* device tensor, so the hot path is one
+add per micro-batch and a log interval or an evaluation is one all-reduce and one
+``.tolist()``. Named fields (``add(loss=..., ...)``, ``TrainInterval.accuracy``) replace
+positions; the layout of the flat tensor is written down once, here.
+
+Shape legend: L PCE layers, E experts, K classes, N routed patches, B images.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+AllReduce = Callable[["torch.Tensor"], "torch.Tensor"]  # sums in place over the ranks, returns its argument
+
+# ----------------------------------------------------------------------------- names
+
+TRAIN = "train"  # the phase prefix of training
+EVAL = "eval"  # the phase prefix of data.eval_split
+
+
+def eval_prefix(split: str, eval_split: str) -> str:
+    """The phase prefix of an evaluated ``split``: ``eval`` for ``data.eval_split``, else the split's name."""
+    return EVAL if split == eval_split else split
+
+
+def split_metric(prefix: str, stat: str) -> str:
+    """``<prefix>/<stat>``: ``split_metric("val", "accuracy") == "val/accuracy"``."""
+    return f"{prefix}/{stat}"
+
+
+TRAIN_LOSS = split_metric(TRAIN, "loss")
+TRAIN_CE = split_metric(TRAIN, "ce")
+TRAIN_CONFIDENCE = split_metric(TRAIN, "confidence")
+TRAIN_COLLAPSE = split_metric(TRAIN, "collapse")
+TRAIN_ACCURACY = split_metric(TRAIN, "accuracy")
+TRAIN_LR = split_metric(TRAIN, "lr")
+TRAIN_EPOCH = split_metric(TRAIN, "epoch")
+TRAIN_PHASE = split_metric(TRAIN, "phase")  # 1: keys moved by the EMA, 2: keys trained
+
+EVAL_LOSS = split_metric(EVAL, "loss")
+EVAL_ACCURACY = split_metric(EVAL, "accuracy")
+VAL_ACCURACY = split_metric("val", "accuracy")  # the validation split as configs/ name it
+
+PERF_IMG_PER_S = "perf/img_per_s"  # over all ranks, evaluation and checkpoint time excluded
+PERF_STEP_TIME_S = "perf/step_time_s"  # per optimizer step
+
+COMM_ROUTED_BYTES = "comm/routed_bytes_per_step"
+COMM_DISPATCH_BYTES = "comm/dispatch_bytes_per_step"
+COMM_RETURN_BYTES = "comm/return_bytes_per_step"
+
+KEYINIT_SECONDS_TOTAL = "keyinit/seconds_total"
+
+COST_TOTAL_PARAMS = "cost/total_params"
+COST_ACTIVE_PARAMS = "cost/active_params"
+COST_FWD_MFLOP_PER_IMG = "cost/fwd_mflop_per_img"
+
+ROUTER_STATS = ("entropy", "threshold", "experts_per_patch", "collapse")  # per layer, at evaluations
+
+
+def router_usage(prefix: str, layer: int, expert: int) -> str:
+    """``router/<prefix>/layer<l>/usage/expert<e>``: fraction of the layer's patches that selected the expert."""
+    return f"router/{prefix}/layer{layer}/usage/expert{expert}"
+
+
+def router_stat(prefix: str, layer: int, stat: str) -> str:
+    """``router/<prefix>/layer<l>/<stat>`` for a ``stat`` of ``ROUTER_STATS``."""
+    if stat not in ROUTER_STATS:
+        raise ValueError(f"unknown router statistic {stat!r}; one of {ROUTER_STATS}")
+    return f"router/{prefix}/layer{layer}/{stat}"
+
+
+def keyinit_objective(layer: int) -> str:
+    return f"keyinit/layer{layer}/objective"
+
+
+def keyinit_kmeans_seconds(layer: int) -> str:
+    return f"keyinit/layer{layer}/kmeans_seconds"
+
+
+def data_metric(count: str) -> str:
+    """``data/<count>``: a data-pipeline counter summed over the ranks (``samples_skipped``, ...)."""
+    return f"data/{count}"
+
+
+def cost_experts_per_patch(layer: int) -> str:
+    return f"cost/experts_per_patch/layer{layer}"
+
+
+# Headline metrics: ``compare`` reads their whole history to find the best value.
+SUMMARY_METRICS = (EVAL_ACCURACY, EVAL_LOSS, VAL_ACCURACY, PERF_IMG_PER_S)
+
+_HIGHER_IS_BETTER = ("accuracy", "acc", "top1", "top5", "f1", "precision", "recall", "img_per_s", "samples_per_s",
+                     "throughput")
+_LOWER_IS_BETTER = ("loss", "ce", "error", "err", "step_time_s", "seconds")
+
+
+def metric_goal(key: str) -> str | None:
+    """``"max"`` for accuracy-like names, ``"min"`` for loss-like ones, ``None`` when "best" has no meaning.
+
+    Decided by the last path component (``eval/accuracy`` -> ``accuracy``), so every split
+    and prefix follows the same rule -- also for names logged by someone else.
+    """
+    name = key.rsplit("/", 1)[-1].lower()
+    if name in _HIGHER_IS_BETTER:
+        return "max"
+    if name in _LOWER_IS_BETTER:
+        return "min"
+    return None
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@dataclass(frozen=True)
+class TrainInterval:
+    """One log interval, reduced over the ranks: means and totals with names."""
+
+    loss: float  # mean per micro-batch
+    ce: float
+    confidence: float
+    collapse: float
+    accuracy: float  # correct / samples
+    samples: float  # over all ranks
+    micro_steps: int  # on one rank (every rank runs the same number)
+    elapsed_s: float
+    usage_LE: list[list[float]]  # fraction of patches that selected each expert, mean per micro-batch
+
+
+@dataclass
+class TrainAccumulator:
+    """Running sums of one training log interval, in one device tensor.
+
+    Layout of ``sums``: ``[loss, ce, confidence, collapse, correct, usage_LE...]``
+    (``usage_LE`` row-major). The number of samples is known on the host (the batch size),
+    so it is counted there and appended only when reducing: the hot path copies nothing
+    from host to device.
+    """
+
+    sums: torch.Tensor  # [len(_SUMS) + L*E] float32
+    num_layers: int
+    num_experts: int
+    micro_steps: int = 0  # on this rank
+    samples: int = 0  # on this rank
+    start_s: float = field(default_factory=time.perf_counter)
+
+    _SUMS = ("loss", "ce", "confidence", "collapse", "correct")
+
+    @classmethod
+    def zeros(cls, num_layers: int, num_experts: int, device: Any) -> TrainAccumulator:
+        import torch
+
+        return cls(torch.zeros(len(cls._SUMS) + num_layers * num_experts, device=device), num_layers, num_experts)
+
+    def add(self, *, loss: torch.Tensor, ce: torch.Tensor, confidence: torch.Tensor, collapse: torch.Tensor,
+            correct: torch.Tensor, selected_NE: Sequence[torch.Tensor], samples: int) -> None:
+        """One micro-batch: scalar loss terms, the number of correct predictions, per layer the
+        ``[N, E]`` selection mask (``RouteResult.selected_NE``), and the batch size. No host sync."""
+        import torch
+
+        parts = [torch.stack([loss.detach().float(), ce.detach().float(), confidence.detach().float(),
+                              collapse.detach().float(), correct.detach().float()])]
+        if selected_NE:
+            parts.append(torch.stack([s.float().mean(0) for s in selected_NE]).flatten())
+        self.sums += torch.cat(parts)
+        self.micro_steps += 1
+        self.samples += samples
+
+    def reduce(self, all_reduce: AllReduce, world_size: int) -> TrainInterval:
+        """One all-reduce and one host sync; every rank gets the same interval."""
+        import torch
+
+        samples = self.sums.new_full((1,), float(self.samples))  # a fill, no host->device copy
+        values = all_reduce(torch.cat([self.sums, samples])).tolist()
+        sums = dict(zip(self._SUMS, values))
+        sums["samples"] = values[-1]
+        micro_all = max(1, self.micro_steps * world_size)
+        usage = [u / micro_all for u in values[len(self._SUMS):-1]]
+        E = self.num_experts
+        return TrainInterval(
+            loss=sums["loss"] / micro_all, ce=sums["ce"] / micro_all, confidence=sums["confidence"] / micro_all,
+            collapse=sums["collapse"] / micro_all, accuracy=sums["correct"] / max(1.0, sums["samples"]),
+            samples=sums["samples"], micro_steps=self.micro_steps, elapsed_s=time.perf_counter() - self.start_s,
+            usage_LE=[usage[layer * E:(layer + 1) * E] for layer in range(self.num_layers)])
+
+
+def train_metrics(interval: TrainInterval, *, lr: float, epoch: int, phase: int, grad_accum: int,
+                  traffic: Mapping[str, int]) -> dict[str, float]:
+    """The named metrics of one log interval.
+
+    Args:
+        traffic: all-to-all bytes of this rank over the interval (``traffic_stats``:
+            ``routed_bytes``, ``dispatch_bytes``, ``return_bytes``); ``comm/*`` is logged
+            only when patches were exchanged.
+    """
+    out = {
+        TRAIN_LOSS: interval.loss, TRAIN_CE: interval.ce, TRAIN_CONFIDENCE: interval.confidence,
+        TRAIN_COLLAPSE: interval.collapse, TRAIN_ACCURACY: interval.accuracy, TRAIN_LR: lr,
+        TRAIN_EPOCH: epoch, TRAIN_PHASE: phase,
+        PERF_IMG_PER_S: interval.samples / max(interval.elapsed_s, 1e-9),
+        PERF_STEP_TIME_S: interval.elapsed_s / max(1, interval.micro_steps) * grad_accum,
+    }
+    steps = max(1, interval.micro_steps // grad_accum)
+    if traffic["routed_bytes"]:
+        out[COMM_ROUTED_BYTES] = traffic["routed_bytes"] / steps
+        out[COMM_DISPATCH_BYTES] = traffic["dispatch_bytes"] / steps
+        out[COMM_RETURN_BYTES] = traffic["return_bytes"] / steps
+    out.update(usage_metrics(TRAIN, interval.usage_LE))
+    return out
+
+
+def usage_metrics(prefix: str, usage_LE: Sequence[Sequence[float]]) -> dict[str, float]:
+    return {router_usage(prefix, layer, e): u for layer, row in enumerate(usage_LE) for e, u in enumerate(row)}
+
+
+def usage_over_time(rows: Sequence[Mapping[str, Any]], num_layers: int, num_experts: int,
+                    prefix: str = TRAIN) -> tuple[np.ndarray, np.ndarray]:
+    """``(steps_T, usage_TLE)`` from logged rows (``Trainer.history``: ``{"step": s, name: value}``).
+
+    Rows without this prefix's usage (or without ``step``) are skipped; with none, ``T == 0``.
+    """
+    import numpy as np
+
+    names = [[router_usage(prefix, layer, e) for e in range(num_experts)] for layer in range(num_layers)]
+    kept = [row for row in rows if "step" in row and all(n in row for layer in names for n in layer)]
+    steps_T = np.array([float(row["step"]) for row in kept])
+    usage_TLE = np.array([[[float(row[n]) for n in layer] for layer in names] for row in kept],
+                         dtype=np.float64).reshape(len(kept), num_layers, num_experts)
+    return steps_T, usage_TLE
+
+
+def keyinit_metrics(seconds: float, records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Key initialisation: the total time and, per k-means layer, its objective and time."""
+    out = {KEYINIT_SECONDS_TOTAL: seconds}
+    for r in records:
+        if "objective" in r:
+            out[keyinit_objective(r["layer"])] = r["objective"]
+            out[keyinit_kmeans_seconds(r["layer"])] = r["seconds"]
+    return out
+
+
+def data_metrics(counts: Mapping[str, float]) -> dict[str, float]:
+    return {data_metric(k): v for k, v in counts.items()}
+
+
+def cost_metrics(cost: Any) -> dict[str, float]:
+    """What one image costs (``pce_dist.flops.Cost``)."""
+    out = {COST_TOTAL_PARAMS: float(cost.total_params), COST_ACTIVE_PARAMS: cost.active_params,
+           COST_FWD_MFLOP_PER_IMG: cost.forward_flops_per_image / 1e6}
+    out.update({cost_experts_per_patch(i): k for i, k in enumerate(cost.experts_per_patch)})
+    return out
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class EvalAccumulator:
+    """Sums of one evaluation, in one device tensor (one all-reduce for the whole evaluation).
+
+    Layout of ``flat``: ``[loss, correct, count]``, then per layer ``[entropy, threshold,
+    items, usage_E...]`` (sums over valid patches), then the confusion counts ``[K*K]``
+    (row: true class, column: predicted). The properties are views into ``flat``.
+    """
+
+    flat: torch.Tensor
+    num_layers: int
+    num_experts: int
+    num_classes: int
+
+    _SUMS = ("loss", "correct", "count")
+    _LAYER = ("entropy", "threshold", "items")  # then usage_E
+
+    @classmethod
+    def zeros(cls, num_layers: int, num_experts: int, num_classes: int, device: Any) -> EvalAccumulator:
+        import torch
+
+        size = len(cls._SUMS) + num_layers * (len(cls._LAYER) + num_experts) + num_classes * num_classes
+        return cls(torch.zeros(size, device=device), num_layers, num_experts, num_classes)
+
+    @property
+    def sums_S(self) -> torch.Tensor:
+        """``[loss, correct, count]``."""
+        return self.flat[:len(self._SUMS)]
+
+    @property
+    def layers_LS(self) -> torch.Tensor:
+        """``[L, 3 + E]``: ``[entropy, threshold, items, usage_E...]`` per layer."""
+        start = len(self._SUMS)
+        width = len(self._LAYER) + self.num_experts
+        return self.flat[start:start + self.num_layers * width].view(self.num_layers, width)
+
+    @property
+    def cm_KK(self) -> torch.Tensor:
+        K = self.num_classes
+        return self.flat[self.flat.numel() - K * K:].view(K, K)
+
+    def add_batch(self, *, loss_B: torch.Tensor, pred_B: torch.Tensor, labels_B: torch.Tensor,
+                  valid_B: torch.Tensor) -> None:
+        """Per-sample loss and prediction; ``valid_B`` (float 0/1) masks padding samples."""
+        import torch
+
+        self.sums_S.add_(torch.stack([(loss_B * valid_B).sum(), ((pred_B == labels_B).float() * valid_B).sum(),
+                                      valid_B.sum()]))
+        self.cm_KK.view(-1).index_add_(0, labels_B * self.num_classes + pred_B, valid_B)
+
+    def add_layer(self, layer: int, *, entropy_N: torch.Tensor, threshold_N: torch.Tensor,
+                  selected_NE: torch.Tensor, valid_N: torch.Tensor) -> None:
+        """One PCE layer's per-patch entropy, threshold and selection mask, masked by ``valid_N``."""
+        import torch
+
+        self.layers_LS[layer].add_(torch.cat([torch.stack([(entropy_N * valid_N).sum(),
+                                                           (threshold_N.float() * valid_N).sum(), valid_N.sum()]),
+                                              (selected_NE.float() * valid_N[:, None]).sum(0)]))
+
+    def reduce(self, all_reduce: AllReduce) -> EvalAccumulator:
+        """Sum over the ranks, in place; returns ``self``."""
+        self.flat = all_reduce(self.flat)
+        return self
+
+
+def eval_metrics(acc: EvalAccumulator, *, prefix: str, collapse_usage: float, split: str = "") -> dict[str, float]:
+    """The named metrics of one (reduced) evaluation.
+
+    Raises ``ValueError`` naming ``split`` (default: ``prefix``) when no valid sample was
+    counted: an accuracy over zero samples would read as a real (terrible) result.
+    """
+    loss, correct, count = acc.sums_S.tolist()
+    if count <= 0:
+        raise ValueError(f"evaluation of split {split or prefix!r} saw no valid sample (on any rank): "
+                         f"nothing to report; check the split in manifest.json and the data warnings above")
+    out = {split_metric(prefix, "loss"): loss / count, split_metric(prefix, "accuracy"): correct / count,
+           split_metric(prefix, "samples"): count}
+    for layer, (entropy, threshold, items, *usage_sums) in enumerate(acc.layers_LS.tolist()):
+        items = max(items, 1.0)
+        usage = [u / items for u in usage_sums]
+        out[router_stat(prefix, layer, "entropy")] = entropy / items
+        out[router_stat(prefix, layer, "threshold")] = threshold / items
+        out[router_stat(prefix, layer, "experts_per_patch")] = sum(usage)
+        out[router_stat(prefix, layer, "collapse")] = float(sum(u < collapse_usage for u in usage))
+        out.update({router_usage(prefix, layer, e): u for e, u in enumerate(usage)})
+    return out

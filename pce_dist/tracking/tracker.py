@@ -1,0 +1,139 @@
+"""``Tracker``: the handle the training loop holds on its MLflow run, the same on every rank.
+
+One MLflow run per training run, owned by rank 0; other ranks hold the same run id and
+no-op. The contract with the training loop is asymmetric on purpose:
+
+* ``Tracker.start`` is strict. A tracking store that cannot be reached at start raises
+  ``RuntimeError`` naming the (redacted) URI on *every* rank (rank 0 broadcasts the
+  failure, so the others do not sit in a collective until ``dist.timeout_s``), within
+  seconds: MLflow's HTTP retries default to minutes, so they are bounded here unless the
+  user set the ``MLFLOW_HTTP_REQUEST_*`` variables themselves (``client.bounded_http``).
+* After start, logging never raises and never waits on the network: rank 0 hands records
+  to its ``Writer`` thread, which spills them to the fallback file when the store is slow
+  or gone (see ``writer``).
+* ``finish(status)`` queues the final status behind the last metrics and waits for the
+  writer at most ``timeout_s`` (30 s: more than the call in flight, ~10 s, plus the last
+  probe, 2 s; slow uploads get the rest). Whatever was not sent stays in the file for
+  ``python -m pce_dist.tracking replay``.
+
+This module only wires the pieces together on each rank; opening the run is in
+``opening``, sending in ``writer`` and ``delivery``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pce_dist.config import RunConfig, to_dict
+from pce_dist.redact import redact, secret_values
+from pce_dist.tracking.client import SCRUB, log, watch_secrets
+from pce_dist.tracking.fallback import FALLBACK_FILE, FallbackFile
+from pce_dist.tracking.opening import open_run, resolve_tracking_uri
+from pce_dist.tracking.writer import QUEUE_SIZE, Writer
+
+if TYPE_CHECKING:
+    from pce_dist.distributed.env import DistEnv
+
+_FINISH_TIMEOUT_S = 30.0  # > the call in flight (~10 s) + the last probe (2 s); slow uploads get the rest
+_EXIT_TIMEOUT_S = 5.0  # interpreter exit without finish(): drain briefly, then to the file
+
+
+class Tracker:
+    """Handle on the run. Build with ``Tracker.start``; use ``with tracker:`` or call ``finish``.
+
+    ``tracking_uri`` is the display form (a password masked); the live URI stays in the
+    MLflow client.
+    """
+
+    def __init__(self, run_id: str, *, is_main: bool, run_dir: str | Path, tracking_uri: str,
+                 writer: Writer | None = None) -> None:
+        self.run_id = run_id
+        self.is_main = is_main
+        self.run_dir = Path(run_dir)
+        self.tracking_uri = tracking_uri
+        self.fallback_path = self.run_dir / FALLBACK_FILE
+        self._writer = writer
+        self._finished = False
+        if writer is not None:
+            atexit.register(self._at_exit)
+
+    @classmethod
+    def start(cls, cfg: RunConfig, env: DistEnv, run_dir: str | Path, resume_run_id: str | None = None,
+              *, retry_interval_s: float = 30.0, queue_size: int = QUEUE_SIZE) -> Tracker:
+        """Create (or resume) the run on rank 0 and share its id with every rank.
+
+        Collective: every rank must call it. Raises ``RuntimeError`` on every rank when the
+        store is unreachable or ``resume_run_id`` does not exist.
+        """
+        run_dir = Path(run_dir)
+        uri = resolve_tracking_uri(cfg, run_dir)
+        display = redact(uri)
+        watch_secrets(secret_values(to_dict(cfg)) | secret_values(uri))
+        hostnames = env.all_gather_object(socket.gethostname())
+        outcome: tuple[str, Any] | None = None
+        client = None
+        if env.is_main:
+            try:
+                client, run_id = open_run(cfg, env, run_dir, uri, resume_run_id, hostnames)
+                outcome = ("ok", run_id)
+            except Exception as exc:  # noqa: BLE001 -- reported on every rank below
+                message = str(exc) if isinstance(exc, RuntimeError) else f"{type(exc).__name__}: {exc}"
+                outcome = ("error", SCRUB.scrub(message))
+        outcome = env.broadcast_object(outcome)
+        if outcome[0] == "error":
+            raise RuntimeError(f"experiment tracking could not start at {display!r}: {outcome[1]}")
+        writer = None
+        if env.is_main:
+            writer = Writer(client, outcome[1], FallbackFile(run_dir / FALLBACK_FILE), display,
+                            retry_interval_s=retry_interval_s, queue_size=queue_size)
+        return cls(outcome[1], is_main=env.is_main, run_dir=run_dir, tracking_uri=display, writer=writer)
+
+    @property
+    def num_overflowed(self) -> int:
+        """Records that found the writer's queue full and went to the fallback file."""
+        return self._writer.num_overflowed if self._writer is not None else 0
+
+    @property
+    def _open(self) -> bool:
+        """Rank 0 before ``finish``: the only state in which anything is sent."""
+        return self._writer is not None and not self._finished
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
+        """Log scalars at ``step`` (the global optimizer step). Rank 0 only; never blocks, never raises."""
+        if not self._open:
+            return
+        try:
+            fields = {"step": int(step), "metrics": {str(k): float(v) for k, v in metrics.items()}}
+        except (TypeError, ValueError) as exc:
+            log.warning("tracking: metrics at step %s are not all numbers, skipped: %s", step, exc)
+            return
+        self._writer.submit(fields)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Upload a file (or directory) to the run, from the writer thread; it must still exist then."""
+        if self._open:
+            self._writer.submit({"artifact": str(Path(path).resolve()), "artifact_path": artifact_path})
+
+    def finish(self, status: str = "FINISHED", timeout_s: float = _FINISH_TIMEOUT_S) -> None:
+        """Send what can be sent, then close the run ("FINISHED", "FAILED" or "KILLED"); see module doc."""
+        if not self._open:
+            return
+        self._finished = True
+        atexit.unregister(self._at_exit)
+        self._writer.close(status, timeout_s)
+
+    def _at_exit(self) -> None:
+        """The interpreter exits without ``finish``: keep the queued records, leave the status alone."""
+        if not self._finished:
+            self._finished = True
+            self._writer.close(None, _EXIT_TIMEOUT_S)
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.finish("FINISHED" if exc_type is None else "FAILED")

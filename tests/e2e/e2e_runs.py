@@ -1,0 +1,28 @@
+"""Helpers of the e2e tests (a plain module, not a test module): run ``launch/local.py`` as a
+user does and read the run's MLflow records back."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def launch(args: list[str], **kwargs) -> subprocess.Popen:
+    """``python launch/local.py ARGS`` from the repo root, stdout and stderr merged, text mode."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", MLFLOW_DISABLE_TELEMETRY="true")
+    return subprocess.Popen([sys.executable, str(REPO / "launch" / "local.py"), *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def mlflow_run(run_dir: Path):
+    """The client and the one MLflow run recorded under ``run_dir``."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    return client, runs[0]
