@@ -10,7 +10,8 @@ Layout of one checkpoint (a directory under ``<output_dir>/checkpoints/``)::
                          head, BN statistics) and its optimizer state, LR schedule
       experts_r{r}.pt    ranks of the first expert-parallel group: the experts they host,
                          by global id (``layers.<l>.experts.<e>.*``), with optimizer state
-      rank{r}.pt         every rank: RNG states, data position, samples seen, loader stats
+      rank{r}.pt         every rank: RNG states, data position, samples seen, loader stats,
+                         the open log interval (sums, counts, all-to-all traffic counters)
       zero_r{r}.pt       only when optimizer state is not portable (ZeRO > 0 or bf16):
                          DeepSpeed's partitioned optimizer state of rank r
     latest               a text file naming the newest complete checkpoint
@@ -34,6 +35,10 @@ the file (see ``load_plain``). The only classes let through are the three DeepSp
 into its partitioned optimizer state, and only for ``zero_r*.pt``. Every read checks the
 file's size and sha256 against ``meta.json`` first; ``find_resume`` skips a damaged newest
 checkpoint for the next older intact one (see docs/checkpoints.md).
+
+Two ways in: ``load`` resumes the run that wrote a checkpoint (position, schedule, RNG, the
+open log interval); ``warm_start`` (``checkpoint.init_from``) starts a new run from its
+weights, and optionally its optimizer state, at step 0.
 """
 
 from __future__ import annotations
@@ -242,6 +247,15 @@ def resolve(path: str | Path) -> Path:
     return path
 
 
+def resolve_source(path: str | Path) -> Path:
+    """``resolve`` that also takes a run directory (``<run>/checkpoints/latest``): what
+    ``checkpoint.init_from`` accepts."""
+    path = Path(path)
+    if (path / "checkpoints").is_dir() and not (path / "meta.json").is_file():
+        path = path / "checkpoints"
+    return resolve(path)
+
+
 def read_meta(path: Path) -> dict:
     """``meta.json``, checked for what the loader relies on.
 
@@ -348,6 +362,8 @@ class Checkpointer:
             portable_optimizer = cfg.dist.zero_stage == 0 and resolve_precision(cfg, env.device.type) == "fp32"
         self.portable_optimizer = portable_optimizer
         self.run_id: str | None = None
+        self.log_window: dict | None = None  # set by a same-layout ``load`` (see ``save``)
+        self.init_source: dict | None = None  # set by ``warm_start``: what the new run started from
         self.last_saved: Path | None = None
         self.saved_step: int | None = None
 
@@ -421,13 +437,16 @@ class Checkpointer:
     # ------------------------------------------------------------------ save
 
     def save(self, model: torch.nn.Module, engine: Any, state: TrainState, *, loader_stats: dict | None = None,
-             reason: str = "step") -> Path:
+             reason: str = "step", log_window: dict | None = None) -> Path:
         """Every rank calls this at an optimizer-step boundary; returns the checkpoint dir.
 
         Args:
             model: the expert-parallel model (this rank's experts); engine: its DeepSpeed
                 engine (optimizer, LR schedule); state: the position to resume at;
             loader_stats: this rank's data accounting, stored for the record.
+            log_window: this rank's open log interval (``Trainer.log_window_state``: plain
+                tensors, ints, None), handed back as ``self.log_window`` by a same-layout
+                ``load`` so the resumed run logs what the uninterrupted one did.
         """
         env = self.env
         own_norm = norm_stats.average(model, env)  # one model on disk, whichever rank writes a module
@@ -461,7 +480,7 @@ class Checkpointer:
                                                         allow=_deepspeed_optimizer_globals())
         written[rank_file(env.rank)] = _atomic_save(
             {"rng": _rng_state(), "state": asdict(state), "loader": dict(loader_stats or {}),
-             "norm_buffers": own_norm},
+             "norm_buffers": own_norm, "log_window": log_window},
             tmp / rank_file(env.rank))
         norm_stats.restore(model, own_norm)  # the live run goes on exactly as without this save
         everyone = env.all_gather_object(written)  # also the barrier after every rank's writes
@@ -554,20 +573,9 @@ class Checkpointer:
                     f"{meta['world_size']} ranks, ep_size {meta['ep_size']}); it can only resume on that exact layout "
                     f"and zero stage (now: {env.world_size} ranks, ep_size {env.ep_size}, ZeRO {self.cfg.dist.zero_stage})."
                     " Portable checkpoints need dist.zero_stage=0 in fp32.")
-        shared = load_file(path, meta, SHARED_FILE)
-        wanted = model.state_dict()
-        state = dict(shared["model"])
-        optim_state = dict(shared["optimizer"])
-        needed_files = {meta["expert_files"][_expert_prefix(k)] for k in wanted if is_expert_name(k)}
-        for name in sorted(needed_files):
-            part = load_file(path, meta, name)
-            state.update({k: v for k, v in part["model"].items() if k in wanted})
-            optim_state.update({k: v for k, v in part["optimizer"].items() if k in wanted})
-        missing = sorted(set(wanted) - set(state))
-        if missing:
-            raise ValueError(f"checkpoint {path} lacks {len(missing)} tensors this model needs, e.g. {missing[:3]}")
+        shared, state, optim_state = self._read_hosted(path, meta, model)
         rank_state = load_file(path, meta, rank_file(env.rank if meta["world_size"] == env.world_size else 0))
-        model.load_state_dict({k: state[k] for k in wanted})
+        model.load_state_dict(state)
         if meta["portable_optimizer"]:
             self._load_named_optimizer_state(model, engine.optimizer, optim_state)
         else:
@@ -586,13 +594,97 @@ class Checkpointer:
             # each rank continues from its own BatchNorm statistics, not the average the shared
             # files hold (see ``distributed.norm_stats``)
             norm_stats.restore(model, rank_state.get("norm_buffers") or {})
-        else:
+            # per-rank sums of the open log interval; a checkpoint of format 2 before they were
+            # stored has none, and the interval then restarts at the checkpoint
+            self.log_window = rank_state.get("log_window")
+        else:  # per-rank sums do not map to other ranks: the log interval restarts here
             train_state.micro_step, train_state.samples_seen = self._map_position(meta, train_state)
         engine.global_steps = train_state.global_step
         self.last_saved, self.saved_step = path, train_state.global_step  # nothing new to save yet
         log.info("resumed from %s (step %d, epoch %d, %s layout)", path, train_state.global_step, train_state.epoch,
                  "same" if same_layout else "different")
         return train_state
+
+    @staticmethod
+    def _read_hosted(path: Path, meta: dict, model: torch.nn.Module) -> tuple[dict, dict, dict]:
+        """``(shared.pt, model state, named optimizer state)`` of what this rank's ``model``
+        holds: the shared tensors and the experts it hosts now, by global id, from
+        whichever files hold them (any layout wrote them the same way)."""
+        shared = load_file(path, meta, SHARED_FILE)
+        wanted = model.state_dict()
+        state = dict(shared["model"])
+        optim_state = dict(shared["optimizer"])
+        needed_files = {meta["expert_files"][_expert_prefix(k)] for k in wanted if is_expert_name(k)}
+        for name in sorted(needed_files):
+            part = load_file(path, meta, name)
+            state.update({k: v for k, v in part["model"].items() if k in wanted})
+            optim_state.update({k: v for k, v in part["optimizer"].items() if k in wanted})
+        missing = sorted(set(wanted) - set(state))
+        if missing:
+            raise ValueError(f"checkpoint {path} lacks {len(missing)} tensors this model needs, e.g. {missing[:3]}")
+        return shared, {k: state[k] for k in wanted}, optim_state
+
+    # ------------------------------------------------------------------ warm start
+
+    def find_init(self) -> Path | None:
+        """The verified checkpoint ``checkpoint.init_from`` names (None when unset); the same on every rank.
+
+        Raises:
+            ValueError: on every rank, naming ``checkpoint.init_from`` -- not a checkpoint, or damaged.
+        """
+        source = self.cfg.checkpoint.init_from
+        if not source:
+            return None
+        choice = None
+        if self.env.is_main:
+            try:
+                path = resolve_source(source)
+                verify(path)
+                choice = ("ok", str(path))
+            except ValueError as exc:
+                choice = ("error", f"config key 'checkpoint.init_from' = {source!r}: {exc}")
+        status, value = self.env.broadcast_object(choice)
+        if status == "error":
+            raise ValueError(value)
+        return Path(value)
+
+    def warm_start(self, path: Path, model: torch.nn.Module, engine: Any) -> TrainState:
+        """Start a *new* run from another run's checkpoint: weights (router keys included),
+        and with ``checkpoint.init_optimizer`` the optimizer moments; position 0.
+
+        Why not ``load``: a resume continues the run that wrote the checkpoint (its MLflow
+        run, schedule position, RNG streams, data position); a warm start keeps none of that.
+        The LR schedule starts from step 0 of this run's config, RNG streams are this run's
+        seeds, and ``run_id`` stays None (a new MLflow run). Any layout can be read (experts
+        are stored by global id). K-means key init is skipped when the source had run it:
+        the loaded keys are trained ones and would otherwise be overwritten.
+
+        Raises:
+            ValueError: an incompatible model, or ``checkpoint.init_optimizer`` with optimizer
+                state that does not map by parameter name (ZeRO-1/2 or bf16 source or target).
+        """
+        meta = read_meta(path)
+        self.check_compatible(meta, path)
+        with_optimizer = self.cfg.checkpoint.init_optimizer
+        if with_optimizer and not (meta["portable_optimizer"] and self.portable_optimizer):
+            raise ValueError(
+                f"config key 'checkpoint.init_optimizer' = True: checkpoint {path} (ZeRO stage {meta['zero_stage']}, "
+                f"portable optimizer state: {meta['portable_optimizer']}) and this run (ZeRO stage "
+                f"{self.cfg.dist.zero_stage}, portable: {self.portable_optimizer}) must both keep optimizer state by "
+                "parameter name (dist.zero_stage=0 in fp32); set checkpoint.init_optimizer=false to take the weights only")
+        _, state, optim_state = self._read_hosted(path, meta, model)
+        model.load_state_dict(state)
+        refresh = getattr(engine.optimizer, "refresh_fp32_params", None)
+        if refresh is not None:  # ZeRO-1/2, bf16: master copies would undo the load at the first step
+            refresh()
+        if with_optimizer:
+            self._load_named_optimizer_state(model, engine.optimizer, optim_state)
+        source_state = load_file(path, meta, rank_file(0))["state"]
+        self.init_source = {"path": str(path), "step": int(meta["global_step"]),
+                            "run_id": meta.get("mlflow_run_id") or "", "optimizer": with_optimizer}
+        log.info("warm start from %s (step %d of run %s; optimizer state %s)", path, meta["global_step"],
+                 meta.get("mlflow_run_id"), "loaded" if with_optimizer else "fresh")
+        return TrainState(keys_initialised=bool(source_state.get("keys_initialised", False)))
 
     def _map_position(self, meta: dict, st) -> tuple[int, int]:
         """Same fraction of the epoch on a new world size (see docs/checkpoints.md)."""

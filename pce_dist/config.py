@@ -137,6 +137,14 @@ class CheckpointConfig:
     every_steps: int = 0  # 0 = only at epoch ends and on request
     keep_last: int = 3  # older complete checkpoints are pruned; > 1 so a damaged newest one has a fallback
     resume: str = ""  # "" = resume from <output_dir>/checkpoints/latest when present
+    # Warm start: a checkpoint dir, a run's checkpoints/ dir or a run dir whose weights start a
+    # *new* run (new MLflow run, step 0, this config's schedule). Separate from ``resume``
+    # because continuing a run and branching off one differ in everything but the weights.
+    # Ignored once this run has checkpoints of its own (a preempted warm start resumes itself).
+    init_from: str = ""
+    # Also take the optimizer moments (Adam m, v, step) with the weights: False by default
+    # because a fine-tune usually wants a fresh optimizer for its new LR schedule.
+    init_optimizer: bool = False
 
 
 @dataclass
@@ -423,6 +431,11 @@ def validate(cfg: RunConfig) -> None:
     c = cfg.checkpoint
     _require(c.every_steps >= 0, "checkpoint.every_steps", c.every_steps, "must be >= 0")
     _require(c.keep_last >= 1, "checkpoint.keep_last", c.keep_last, "must be >= 1")
+    _require(not (c.resume and c.init_from), "checkpoint.init_from", c.init_from,
+             f"cannot be combined with checkpoint.resume={c.resume!r}: resume continues a run, init_from starts "
+             "a new one from a checkpoint; set one of them")
+    _require(c.init_from or not c.init_optimizer, "checkpoint.init_optimizer", c.init_optimizer,
+             "needs checkpoint.init_from=PATH (the checkpoint whose optimizer state to take)")
 
 
 def validate_world(cfg: RunConfig, world_size: int) -> None:

@@ -209,6 +209,32 @@ class TrainAccumulator:
         self.micro_steps += 1
         self.samples += samples
 
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's part of an unfinished log interval, as plain tensors and ints.
+
+        Why: a checkpoint falls inside a log interval whenever ``checkpoint.every_steps`` is
+        not a multiple of ``train.log_every_steps``; a resume that started the interval afresh
+        would log the mean of a shorter window at the next log step than the uninterrupted
+        run did. The checkpointer stores this in ``rank{r}.pt`` (loadable with
+        ``weights_only=True``). ``start_s`` is left out: timing cannot be carried over a kill.
+        """
+        return {"sums": self.sums.detach().cpu().clone(), "micro_steps": self.micro_steps,
+                "samples": self.samples, "num_layers": self.num_layers, "num_experts": self.num_experts}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any], device: Any) -> TrainAccumulator:
+        """The interval ``state_dict`` described, continued on ``device`` (same sums, bit for bit).
+
+        Raises ``ValueError`` when the stored layout is not a ``[5 + L*E]`` vector of its own
+        ``num_layers``/``num_experts`` (the caller checks those against the model).
+        """
+        L, E = int(state["num_layers"]), int(state["num_experts"])
+        sums = state["sums"]
+        if tuple(sums.shape) != (len(cls._SUMS) + L * E,):
+            raise ValueError(f"stored log interval has {tuple(sums.shape)} sums, expected {len(cls._SUMS) + L * E}")
+        return cls(sums.to(device=device, dtype=sums.dtype).clone(), L, E, micro_steps=int(state["micro_steps"]),
+                   samples=int(state["samples"]))
+
     def reduce(self, all_reduce: AllReduce, world_size: int) -> TrainInterval:
         """One all-reduce and one host sync; every rank gets the same interval."""
         import torch

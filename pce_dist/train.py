@@ -196,16 +196,27 @@ def _run(cfg: RunConfig, env: DistEnv, stop: stop_signals.StopRequest, heartbeat
     plan = resolve_run(cfg, env, data.steps_per_epoch())  # precision, schedule, placement: derived once
     checkpointer = Checkpointer(cfg, env, run_dir, portable_optimizer=plan.portable_optimizer)
     resume = checkpointer.find_resume()
+    # a warm start only when this run has nothing of its own to continue (a preempted warm
+    # start must resume itself, not start over from its source)
+    init = checkpointer.find_init() if resume is None else None
+    if resume is not None and cfg.checkpoint.init_from and env.is_main:
+        log.info("checkpoint.init_from is ignored: this run resumes from its own checkpoint %s", resume)
     model = build_model_for(cfg, env)
     engine, _ = build_engine(model, cfg, env, plan.total_steps, precision=plan.precision)
     torch.manual_seed(cfg.train.seed * 1000 + env.rank + 1)  # per-rank dropout streams (a resume restores them)
-    state = checkpointer.load(resume, model, engine) if resume else None
-    tracker = Tracker.start(cfg, env, run_dir, resume_run_id=checkpointer.run_id)
+    state = None
+    if resume:
+        state = checkpointer.load(resume, model, engine)
+    elif init:
+        state = checkpointer.warm_start(init, model, engine)
+    tracker = Tracker.start(cfg, env, run_dir, resume_run_id=checkpointer.run_id,
+                            init_source=checkpointer.init_source)
     checkpointer.run_id = tracker.run_id
     status = "FAILED"
     try:
         trainer = Trainer(cfg, env, model, engine, data, tracker, checkpointer, state=state,
-                          should_stop=lambda: stop.requested, on_progress=heartbeat.beat, run=plan)
+                          should_stop=lambda: stop.requested, on_progress=heartbeat.beat, run=plan,
+                          log_window=checkpointer.log_window)
         metrics = trainer.fit()
         # One decision for every rank: a stop agreed inside fit(), or one that arrived after
         # its last agreement (the final checkpoint is written; the evaluation is skipped).

@@ -60,7 +60,8 @@ class Trainer:
     def __init__(self, cfg: RunConfig, env: DistEnv, model: PCENet, engine: Any, data: DataSource,
                  tracker: Any, checkpointer: Any = None, state: TrainState | None = None,
                  should_stop: Callable[[], bool] | None = None,
-                 on_progress: Callable[[int, str], None] | None = None, run: ResolvedRun | None = None) -> None:
+                 on_progress: Callable[[int, str], None] | None = None, run: ResolvedRun | None = None,
+                 log_window: dict | None = None) -> None:
         """Args:
             state: where to continue (a checkpoint's ``TrainState``); a fresh run by default.
             should_stop: this rank's view of a stop request (``pce_dist.stop``); the ranks
@@ -70,6 +71,10 @@ class Trainer:
                 (the heartbeat: an attribute store, no I/O).
             run: the resolved run (``pce_dist.resolved``); derived here from ``data`` when a
                 caller (a test) builds the trainer by hand.
+            log_window: the unfinished log interval a checkpoint stored (``log_window_state``;
+                ``Checkpointer.log_window`` after a same-layout resume): the first interval
+                after the resume then covers the same micro-batches, and logs the same values,
+                as in the uninterrupted run.
         """
         self.cfg, self.env, self.model, self.engine, self.data = cfg, env, model, engine, data
         self.tracker, self.checkpointer = tracker, checkpointer
@@ -86,6 +91,15 @@ class Trainer:
         self.history: list[dict] = []  # rank-0 view of every logged train metric row
         self.last_eval: dict[str, float] = {}
         self._fixed = None  # images the routing maps show (see _plot_batch)
+        # The open train log interval (None between epochs: a partial interval at an epoch end
+        # is dropped, the next epoch starts a new one).
+        self._window: names.TrainAccumulator | None = None
+        self._resumed_window = None if log_window is None else log_window.get("train")
+        # loader counts of this epoch from before a resume (the new loader counts from its start_step)
+        carried = (log_window or {}).get("data") or {}
+        self._data_carry_epoch, self._data_carry = carried.get("epoch"), dict(carried.get("counts") or {})
+        if log_window is not None:
+            _restore_traffic(model, log_window.get("traffic"))
 
     # ------------------------------------------------------------------ helpers
 
@@ -171,13 +185,54 @@ class Trainer:
     def _new_accumulators(self) -> names.TrainAccumulator:
         return names.TrainAccumulator.zeros(len(self.model.routers()), self.cfg.model.num_experts, self.device)
 
+    def _first_accumulators(self) -> names.TrainAccumulator:
+        """The interval a resume brought back (once), else a new one."""
+        stored, self._resumed_window = self._resumed_window, None
+        if stored is None:
+            return self._new_accumulators()
+        acc = names.TrainAccumulator.from_state(stored, self.device)
+        if (acc.num_layers, acc.num_experts) != (len(self.model.routers()), self.cfg.model.num_experts):
+            log.warning("the checkpoint's log interval has %d layers x %d experts, the model %d x %d; starting a new "
+                        "interval", acc.num_layers, acc.num_experts, len(self.model.routers()),
+                        self.cfg.model.num_experts)
+            return self._new_accumulators()
+        return acc
+
+    def log_window_state(self) -> dict:
+        """What a checkpoint must hold to continue the logged history exactly: this rank's
+        sums of the open train log interval (or None between epochs) and the all-to-all
+        traffic counters since the last log (they are reset at log time, not per interval,
+        so they also carry evaluation traffic into the next interval, as without a kill)."""
+        stats = self._data_stats()
+        return {"train": self._window.state_dict() if self._window is not None else None,
+                "traffic": _traffic_state(self.model),
+                "data": {"epoch": stats.get("epoch"), "counts": {k: int(stats[k]) for k in self.PER_BATCH_COUNTS
+                                                                 if k in stats}}}
+
+    # Loader counts that grow with every batch the loader yields, so this epoch's total after a
+    # resume is what the earlier processes counted plus what this loader counts. The rest of the
+    # loader's accounting is either replayed by a resumed loader anyway (shards opened/failed:
+    # it walks the epoch's whole shard list) or describes the resume itself (start_step,
+    # samples_resumed_over) and is logged as it is (docs/checkpoints.md).
+    PER_BATCH_COUNTS = ("batches", "samples_seen", "samples_skipped", "samples_padded")
+
+    def _data_stats(self) -> dict:
+        """This rank's loader accounting for the current epoch, including what earlier processes
+        of this run counted in it before a resume."""
+        stats = dict(getattr(self.data, "stats", lambda: {})())
+        if self._data_carry and stats.get("epoch") == self._data_carry_epoch:
+            for key, value in self._data_carry.items():
+                if key in stats:
+                    stats[key] += value
+        return stats
+
     def train_epoch(self, epoch: int) -> bool:
         """One epoch from ``state.micro_step``; returns True when asked to stop early."""
         cfg, engine = self.cfg, self.engine
         self.keys.start_epoch(self.in_phase2(epoch))
         engine.train()
         loader = self.data.train_loader(epoch, self.state.micro_step)
-        acc = self._new_accumulators()
+        self._window = acc = self._first_accumulators()
         bar = self._progress(epoch)
         for x, y in loader:
             if self.state.micro_step >= self.micro_per_epoch:
@@ -203,7 +258,7 @@ class Trainer:
                 self.on_progress(self.state.global_step, "train")
                 if self.state.global_step % cfg.train.log_every_steps == 0:
                     self._log_train(acc, bar)
-                    acc = self._new_accumulators()
+                    self._window = acc = self._new_accumulators()
                 stop = False
                 if self.state.global_step % cfg.train.log_every_steps == 0:  # agree on a stop request
                     stop = self.env.all_reduce_flag(self.should_stop())
@@ -217,6 +272,7 @@ class Trainer:
                     break
         if bar is not None:
             bar.close()
+        self._window = None  # the uninterrupted run drops a partial interval here too
         return False
 
     DATA_COUNTS = ("samples_skipped", "samples_padded", "shards_failed")
@@ -224,7 +280,7 @@ class Trainer:
     def _report_data(self, epoch: int) -> None:
         """Damaged data tolerated under ``data.max_skipped_fraction``: one all-reduce per epoch,
         a warning on rank 0's console and ``data/*`` metrics -- never only a per-rank log."""
-        stats = getattr(self.data, "stats", lambda: {})()
+        stats = self._data_stats()
         counts = torch.tensor([float(stats.get(k, 0)) for k in self.DATA_COUNTS], device=self.device)
         totals = dict(zip(self.DATA_COUNTS, self._all_reduce(counts).tolist()))
         if not any(totals.values()):
@@ -239,7 +295,8 @@ class Trainer:
     def save_checkpoint(self, reason: str = "step") -> Path:
         """Hand the checkpointer what it stores; every rank calls this at a step boundary."""
         stats = getattr(self.data, "stats", lambda: {})()
-        return self.checkpointer.save(self.model, self.engine, self.state, loader_stats=stats, reason=reason)
+        return self.checkpointer.save(self.model, self.engine, self.state, loader_stats=stats, reason=reason,
+                                      log_window=self.log_window_state())
 
     def _checkpoint_due(self) -> bool:
         every = self.cfg.checkpoint.every_steps
@@ -280,7 +337,7 @@ class Trainer:
         prefix = names.eval_prefix(split, cfg.data.eval_split)
         metrics = names.eval_metrics(sums.reduce(self._all_reduce), prefix=prefix, split=split,
                                      collapse_usage=cfg.model.collapse_usage)
-        data_stats = getattr(self.data, "stats", lambda: {})()
+        data_stats = self._data_stats()
         if data_stats:
             keys = sorted(data_stats)
             totals = self._all_reduce(torch.tensor([float(data_stats[k]) for k in keys], device=self.device))
@@ -337,3 +394,24 @@ class Trainer:
             self.tracker.log_artifact(step_dir, artifact_path=f"plots/{step_dir.name}")
         except Exception as exc:  # noqa: BLE001 -- pictures must never stop a run
             log.warning("plotting at step %d failed: %s", self.state.global_step, exc)
+
+
+def _traffic_state(model: PCENet) -> list[dict[str, int] | None]:
+    """Per PCE layer, its dispatcher's traffic counters since the last log (None: no counters)."""
+    out: list[dict[str, int] | None] = []
+    for layer in model.pce_layers():
+        stats = getattr(layer.dispatcher, "stats", None)
+        out.append(None if stats is None else {k: int(v) for k, v in vars(stats).items()})
+    return out
+
+
+def _restore_traffic(model: PCENet, state: list | None) -> None:
+    """Put stored counters back (``_traffic_state``); a layer whose entry does not fit is left alone."""
+    if not state:
+        return
+    for layer, saved in zip(model.pce_layers(), state):
+        stats = getattr(layer.dispatcher, "stats", None)
+        if stats is not None and saved:
+            for key, value in saved.items():
+                if hasattr(stats, key):
+                    setattr(stats, key, int(value))

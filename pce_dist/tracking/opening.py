@@ -9,7 +9,9 @@ Where runs go: ``MLFLOW_TRACKING_URI`` (env) > ``tracking.tracking_uri`` (config
 
 What is recorded: params = the flattened resolved config (immutable in MLflow, so on
 resume only keys not yet logged are added); tags = things that may change across
-restarts (world size, EP size, hostnames, git commit, SLURM job id, restart count);
+restarts (world size, EP size, hostnames, git commit, SLURM job id, restart count) and,
+for a warm start, where it began (``init_from``, ``init_from_run_id``, ``init_from_step``,
+``init_optimizer``);
 artifact ``config.yaml`` = the resolved config of the latest start. Params, tags and the
 artifact go through ``pce_dist.redact``; the live URI is held only by the MLflow client.
 """
@@ -25,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from pce_dist.config import RunConfig, flatten, to_yaml
 from pce_dist.redact import redact
 from pce_dist.tracking.client import CALL_LIMITS, PROBE_LIMITS, bounded_http, chunks, is_remote_uri, log
+from pce_dist.tracking.relocation import ARTIFACTS_DIR, follow_run_dir
 
 if TYPE_CHECKING:
     from pce_dist.distributed.env import DistEnv
@@ -57,16 +60,19 @@ def git_commit(cwd: str | Path | None = None) -> str:
 
 
 def open_run(cfg: RunConfig, env: DistEnv, run_dir: Path, uri: str, resume_run_id: str | None,
-             hostnames: list[str]) -> tuple[Any, str]:
+             hostnames: list[str], init_source: dict | None = None) -> tuple[Any, str]:
     """Create (or resume) the run and record params, tags and ``config.yaml``; returns (client, run id).
 
     Rank 0 only. Raises when the store does not answer or ``resume_run_id`` is not in it.
+    A run directory's own sqlite store is first pointed at where the directory is now
+    (``relocation.follow_run_dir``): a copied or moved run writes only inside itself.
     """
     from mlflow import MlflowClient
     from mlflow.entities import Param, RunTag
 
     if not is_remote_uri(uri):
         run_dir.mkdir(parents=True, exist_ok=True)
+        follow_run_dir(uri, run_dir)
     with bounded_http(PROBE_LIMITS):
         client = MlflowClient(tracking_uri=uri)
         try:
@@ -82,7 +88,10 @@ def open_run(cfg: RunConfig, env: DistEnv, run_dir: Path, uri: str, resume_run_i
             try:
                 run = client.get_run(resume_run_id)
             except Exception as exc:
-                raise RuntimeError(f"cannot resume MLflow run {resume_run_id!r}: {exc}") from None
+                raise RuntimeError(
+                    f"cannot resume MLflow run {resume_run_id!r}: {exc}. A resume continues the run that wrote the "
+                    f"checkpoint, in that run's tracking store ({redact(uri)!r} here); to start a new run from "
+                    "another run's checkpoint use checkpoint.init_from=PATH instead of checkpoint.resume") from None
             restart_count = int(run.data.tags.get("restart_count", "0")) + 1
             old = run.data.params
             changed = sorted(k for k in params if k in old and old[k] != params[k])
@@ -96,6 +105,8 @@ def open_run(cfg: RunConfig, env: DistEnv, run_dir: Path, uri: str, resume_run_i
             restart_count = 0
             run_id = client.create_run(experiment_id, run_name=redact(cfg.tracking.run_name) or None).info.run_id
         tags = _run_tags(env, hostnames, restart_count)
+        if init_source and not resume_run_id:
+            tags.update(init_tags(init_source))
         for kind, items in (("params", [Param(k, v) for k, v in params.items()]),
                             ("tags", [RunTag(k, redact(v)) for k, v in tags.items()])):
             for chunk in chunks(items, _PARAMS_TAGS_PER_BATCH):
@@ -111,7 +122,7 @@ def _experiment_id(client: Any, name: str, experiment: Any, run_dir: Path, uri: 
     if experiment is not None:
         return experiment.experiment_id
     # A local store keeps artifacts inside the run directory; a server decides for itself.
-    location = None if is_remote_uri(uri) else (run_dir.resolve() / "mlartifacts").as_uri()
+    location = None if is_remote_uri(uri) else (run_dir.resolve() / ARTIFACTS_DIR).as_uri()
     try:
         return client.create_experiment(name, artifact_location=location)
     except Exception:
@@ -119,6 +130,12 @@ def _experiment_id(client: Any, name: str, experiment: Any, run_dir: Path, uri: 
         if existing is None:
             raise
         return existing.experiment_id
+
+
+def init_tags(source: dict) -> dict[str, str]:
+    """The tags of a warm start (``Checkpointer.init_source``); the path is redacted when written."""
+    return {"init_from": str(source["path"]), "init_from_run_id": str(source.get("run_id") or ""),
+            "init_from_step": str(source["step"]), "init_optimizer": str(bool(source.get("optimizer"))).lower()}
 
 
 def _param_value(value: Any) -> str:

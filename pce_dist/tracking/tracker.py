@@ -63,8 +63,12 @@ class Tracker:
 
     @classmethod
     def start(cls, cfg: RunConfig, env: DistEnv, run_dir: str | Path, resume_run_id: str | None = None,
-              *, retry_interval_s: float = 30.0, queue_size: int = QUEUE_SIZE) -> Tracker:
+              *, init_source: Mapping[str, Any] | None = None, retry_interval_s: float = 30.0,
+              queue_size: int = QUEUE_SIZE) -> Tracker:
         """Create (or resume) the run on rank 0 and share its id with every rank.
+
+        ``init_source``: the checkpoint a warm start began from (``Checkpointer.init_source``),
+        recorded as ``init_from*`` tags (``opening.init_tags``).
 
         Collective: every rank must call it. Raises ``RuntimeError`` on every rank when the
         store is unreachable or ``resume_run_id`` does not exist.
@@ -78,7 +82,8 @@ class Tracker:
         client = None
         if env.is_main:
             try:
-                client, run_id = open_run(cfg, env, run_dir, uri, resume_run_id, hostnames)
+                client, run_id = open_run(cfg, env, run_dir, uri, resume_run_id, hostnames,
+                                          init_source=init_source)
                 outcome = ("ok", run_id)
             except Exception as exc:  # noqa: BLE001 -- reported on every rank below
                 message = str(exc) if isinstance(exc, RuntimeError) else f"{type(exc).__name__}: {exc}"

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from inmemory import EXACT, GLOBAL_BATCH, InMemoryData, NullTracker
+from inmemory import EXACT, GLOBAL_BATCH, InMemoryData, NullTracker, RecordingTracker
 from multiproc import RankFailed, spawn
 
-from pce_dist.checkpoint import Checkpointer, _deepspeed_optimizer_globals
+from pce_dist.checkpoint import Checkpointer, _deepspeed_optimizer_globals, load_file, read_meta, resolve
 from pce_dist.config import load_config
 from pce_dist.distributed import DistEnv, norm_stats
 from pce_dist.engine import build_engine
@@ -222,3 +222,124 @@ def test_norm_statistics_are_averaged_over_replicas(tmp_path):
         for r in replicas:
             torch.testing.assert_close(results[r][1][name], torch.stack(values).mean(0), rtol=1e-6, atol=1e-7)
     assert drifted > 0  # the ranks really had different statistics before
+
+
+# ----------------------------------------------------------------------------- exact history after resume
+
+HISTORY = ["dist.ep_size=2", "train.max_steps=8", "train.log_every_steps=4", "checkpoint.every_steps=3"]
+
+
+class _Killed(Exception):
+    """Stands in for SIGKILL right after a checkpoint (nothing after it runs)."""
+
+
+class _DyingCheckpointer(Checkpointer):
+    def save(self, *args, **kwargs):
+        path = super().save(*args, **kwargs)
+        if self.saved_step == 3:
+            raise _Killed
+        return path
+
+
+def _history(rank, world, run_dir, phase, carry_window=True):
+    """``phase``: "whole" (uninterrupted), "killed" (dies after the step-3 checkpoint) or
+    "resumed"; returns every train metric logged on rank 0, by step."""
+    cfg, env, model, engine, ckpt = _setup(world, run_dir, HISTORY)
+    state = window = None
+    if phase == "killed":
+        ckpt = _DyingCheckpointer(cfg, env, Path(run_dir))
+    elif phase == "resumed":
+        state = ckpt.load(ckpt.find_resume(), model, engine)
+        window = ckpt.log_window if carry_window else None
+    tracker = RecordingTracker(Path(run_dir) / "unused")
+    tracker.run_dir = None  # no plots
+    trainer = Trainer(cfg, env, model, engine, InMemoryData(env.rank, world, num_batches=8), tracker, ckpt,
+                      state=state, log_window=window)
+    try:
+        trainer.fit()
+    except _Killed:
+        pass
+    return {step: {k: v for k, v in m.items() if not k.startswith("perf/")} for step, m in tracker.metrics
+            if "train/loss" in m}
+
+
+def test_log_window_spanning_a_checkpoint_is_carried(tmp_path):
+    """Checkpoint at step 3 inside the 1..4 log window: the resumed run logs at step 4 the mean
+    over steps 1..4 (as the uninterrupted run) -- train sums and all-to-all traffic alike."""
+    whole = spawn(_history, 2, args=(str(tmp_path / "whole"), "whole"), timeout_s=120)[0]
+    spawn(_history, 2, args=(str(tmp_path / "run"), "killed"), timeout_s=120)
+    blob = torch.load(tmp_path / "run" / "checkpoints" / "step_00000003" / "rank1.pt", weights_only=True)
+    assert blob["log_window"]["train"]["micro_steps"] == 3 and blob["log_window"]["traffic"][0]["dispatch_bytes"] > 0
+    resumed = spawn(_history, 2, args=(str(tmp_path / "run"), "resumed"), timeout_s=120)[0]
+    assert sorted(whole) == sorted(resumed) == [4, 8]
+    assert any(k.startswith("comm/") for k in whole[4])
+    for step in whole:
+        assert resumed[step] == whole[step], step  # exactly: the same float sums in the same order
+    # the test can fail: without the stored window the interval restarts at the checkpoint
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("step_00000003")
+    restarted = spawn(_history, 2, args=(str(tmp_path / "run"), "resumed", False), timeout_s=120)[0]
+    assert restarted[4]["train/loss"] != whole[4]["train/loss"]
+    assert restarted[4]["comm/dispatch_bytes_per_step"] != whole[4]["comm/dispatch_bytes_per_step"]
+    assert restarted[8] == whole[8]
+
+
+# ----------------------------------------------------------------------------- warm start
+
+
+def _warm_start(rank, world, source, run_dir, overrides):
+    cfg, env, model, engine, ckpt = _setup(world, run_dir, [f"checkpoint.init_from={source}"] + overrides)
+    assert ckpt.find_resume() is None
+    state = ckpt.warm_start(ckpt.find_init(), model, engine)
+    names = {id(p): n for n, p in model.named_parameters()}
+    optim = {names[id(p)]: {k: v.clone() for k, v in engine.optimizer.state[p].items() if torch.is_tensor(v)}
+             for group in engine.optimizer.param_groups for p in group["params"] if engine.optimizer.state.get(p)}
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    lr, position = engine.get_lr()[0], dict(vars(state))  # before training moves it
+    trainer = Trainer(cfg, env, model, engine, InMemoryData(env.rank, world, num_batches=8), NullTracker(), ckpt,
+                      state=state)
+    trainer.fit()
+    return {"state": position, "weights": weights, "optim": optim, "lr": lr, "run_id": ckpt.run_id,
+            "source": ckpt.init_source, "final_step": trainer.state.global_step}
+
+
+@pytest.mark.parametrize("init_optimizer", [False, True])
+def test_warm_start_takes_weights_into_a_new_run_on_another_layout(tmp_path, init_optimizer):
+    source = tmp_path / "source"
+    adamw = ["optim.name=adamw"]
+    saved = Path(spawn(_train_and_save, 2, args=(str(source), ["dist.ep_size=2"] + adamw, 4), timeout_s=120)[0])
+    full, _ = load_exported(export(saved, tmp_path / "model.pt"))
+    meta = read_meta(saved)
+    named = {}
+    for name in meta["files"]:
+        if name.startswith(("shared", "experts")):
+            named.update(load_file(saved, meta, name)["optimizer"])
+    # a run directory is enough; 1 rank, ep_size 1 (the source had 2 and 2)
+    result = spawn(_warm_start, 1, args=(str(source), str(tmp_path / "new"),
+                                         adamw + [f"checkpoint.init_optimizer={str(init_optimizer).lower()}",
+                                                  "train.max_steps=3"]), timeout_s=120)[0]
+    assert result["state"] == {"epoch": 0, "micro_step": 0, "global_step": 0, "samples_seen": 0,
+                               "keys_initialised": True}
+    assert result["run_id"] is None and result["final_step"] == 3  # a new run, trained from step 0
+    assert result["source"] == {"path": str(resolve(source / "checkpoints")), "step": 4, "run_id": "",
+                                "optimizer": init_optimizer}
+    for name, value in full.state_dict().items():
+        assert torch.equal(result["weights"][name], value), name
+    if init_optimizer:
+        assert sorted(result["optim"]) == sorted(named)
+        for name, state in named.items():
+            for k, v in state.items():
+                assert torch.equal(result["optim"][name][k], v), (name, k)
+    else:
+        assert result["optim"] == {}
+    assert not (tmp_path / "new" / "checkpoints" / "step_00000004").exists()
+    assert (tmp_path / "new" / "checkpoints" / "step_00000003").is_dir()
+
+
+def test_warm_start_optimizer_needs_named_state(tmp_path):
+    source = tmp_path / "source"
+    spawn(_train_and_save, 1, args=(str(source), [], 2), timeout_s=120)
+    with pytest.raises(RankFailed, match=r"config key 'checkpoint.init_optimizer' = True: .*dist.zero_stage=0"):
+        spawn(_warm_start, 1, args=(str(source), str(tmp_path / "new"),
+                                    ["checkpoint.init_optimizer=true", "dist.zero_stage=1"]), timeout_s=120)
+    with pytest.raises(RankFailed, match=r"config key 'checkpoint.init_from' = .*nowhere.*no meta.json"):
+        spawn(_warm_start, 1, args=(str(tmp_path / "nowhere"), str(tmp_path / "new"), []), timeout_s=120)

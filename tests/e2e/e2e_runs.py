@@ -26,3 +26,18 @@ def mlflow_run(run_dir: Path):
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(runs) == 1, [r.info.run_id for r in runs]
     return client, runs[0]
+
+
+def metric_histories(run_dir: Path, skip_prefixes: tuple[str, ...] = ()) -> dict[str, dict[int, list[float]]]:
+    """Every value of every metric of the run under ``run_dir``: ``{name: {step: [values, in logging order]}}``.
+
+    A step logged twice (before a kill and again after the resume) keeps both values.
+    """
+    client, run = mlflow_run(run_dir)
+    out: dict[str, dict[int, list[float]]] = {}
+    for name in sorted(run.data.metrics):
+        if name.startswith(skip_prefixes):
+            continue
+        for m in sorted(client.get_metric_history(run.info.run_id, name), key=lambda m: (m.step, m.timestamp)):
+            out.setdefault(name, {}).setdefault(m.step, []).append(m.value)
+    return out
