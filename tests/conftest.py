@@ -1,5 +1,6 @@
 """Shared pytest setup: every test is marked by the folder it lives in; shared fixtures."""
 
+import os
 import pathlib
 import sys
 
@@ -15,6 +16,16 @@ def pytest_collection_modifyitems(config, items):
         folder = pathlib.Path(str(item.fspath)).parent.name
         if folder in _FOLDER_MARKERS:
             item.add_marker(getattr(pytest.mark, folder))
+
+
+@pytest.fixture
+def restore_environ():
+    """``DistEnv.init()`` exports RANK/LOCAL_RANK/MASTER_PORT/... for DeepSpeed; tests that build
+    one in this process use this to keep that out of later tests (``usefixtures``)."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture(scope="session")

@@ -17,13 +17,7 @@ _LAUNCH_VARS = ["RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"
                 "SLURM_JOB_NODELIST", "SLURM_STEP_NODELIST", "SLURM_NODELIST"]
 
 
-@pytest.fixture(autouse=True)
-def _restore_environ():
-    """``DistEnv.init()`` exports LOCAL_RANK/MASTER_PORT/... for DeepSpeed; keep that out of later tests."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
+pytestmark = pytest.mark.usefixtures("restore_environ")  # DistEnv.init() exports launch variables
 
 
 @pytest.fixture
