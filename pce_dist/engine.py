@@ -2,8 +2,10 @@
 
 One function, ``build_engine``, turns (model, config, DistEnv) into a DeepSpeed engine:
   * ZeRO stage 0/1/2 (``config.validate`` refuses 3: DeepSpeed MoE does not support it),
-    gradient clipping and accumulation, the precision of the resolved run (bf16 on CUDA,
-    fp32 on CPU by default, ``pce_dist.resolved``);
+    gradient accumulation, gradient clipping by the true global norm (``pce_dist.grad_norm``
+    decides what DeepSpeed's ``gradient_clipping`` gets: off at ZeRO-0, where DeepSpeed's
+    MoE norm is a mean of per-rank norms and ``GradClipper`` clips instead), the precision
+    of the resolved run (bf16 on CUDA, fp32 on CPU by default, ``pce_dist.resolved``);
   * a torch optimizer (AdamW or SGD) whose parameter groups are split the way DeepSpeed's
     MoE path requires (expert parameters in groups marked ``moe``), with no weight decay
     on biases, norms and router keys (keys are unit vectors moved by EMA in phase 1: decay
@@ -24,6 +26,7 @@ import torch
 
 from .config import RunConfig
 from .distributed.env import DistEnv
+from .grad_norm import deepspeed_gradient_clipping
 from .resolved import resolve_precision
 
 
@@ -34,7 +37,7 @@ def deepspeed_config(cfg: RunConfig, env: DistEnv, precision: str) -> dict[str, 
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": cfg.train.grad_accum,
         "train_batch_size": micro * cfg.train.grad_accum * env.world_size,
-        "gradient_clipping": cfg.optim.grad_clip,
+        "gradient_clipping": deepspeed_gradient_clipping(cfg.optim.grad_clip, cfg.dist.zero_stage),
         "zero_optimization": {"stage": cfg.dist.zero_stage},
         "bf16": {"enabled": precision == "bf16"},
         "zero_allow_untested_optimizer": True,

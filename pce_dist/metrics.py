@@ -10,6 +10,8 @@ Schema. ``<p>`` is the phase prefix: ``train`` for training, ``eval`` for
 
     train/loss, train/ce, train/confidence, train/collapse   mean per micro-batch of the log interval
     train/accuracy, train/lr, train/epoch, train/phase
+    train/grad_norm                                          mean per optimizer step of the log interval:
+                                                             the global norm before clipping (pce_dist.grad_norm)
     <p>/loss, <p>/accuracy, <p>/samples                      one evaluation of a split
     router/<p>/layer<l>/usage/expert<e>                      fraction of layer l's patches that selected e
     router/<p>/layer<l>/entropy                              mean routing entropy per patch    (evaluations)
@@ -80,6 +82,7 @@ TRAIN_ACCURACY = split_metric(TRAIN, "accuracy")
 TRAIN_LR = split_metric(TRAIN, "lr")
 TRAIN_EPOCH = split_metric(TRAIN, "epoch")
 TRAIN_PHASE = split_metric(TRAIN, "phase")  # 1: keys moved by the EMA, 2: keys trained
+TRAIN_GRAD_NORM = split_metric(TRAIN, "grad_norm")  # global, before clipping; mean per optimizer step
 
 EVAL_LOSS = split_metric(EVAL, "loss")
 EVAL_ACCURACY = split_metric(EVAL, "accuracy")
@@ -168,6 +171,7 @@ class TrainInterval:
     micro_steps: int  # on one rank (every rank runs the same number)
     elapsed_s: float
     usage_LE: list[list[float]]  # fraction of patches that selected each expert, mean per micro-batch
+    grad_norm: float | None = None  # mean per optimizer step; None when no step was counted
 
 
 @dataclass
@@ -177,7 +181,8 @@ class TrainAccumulator:
     Layout of ``sums``: ``[loss, ce, confidence, collapse, correct, usage_LE...]``
     (``usage_LE`` row-major). The number of samples is known on the host (the batch size),
     so it is counted there and appended only when reducing: the hot path copies nothing
-    from host to device.
+    from host to device. The global gradient norm is the same on every rank: its sum over
+    the optimizer steps stays out of the all-reduce and joins the one host copy.
     """
 
     sums: torch.Tensor  # [len(_SUMS) + L*E] float32
@@ -186,6 +191,8 @@ class TrainAccumulator:
     micro_steps: int = 0  # on this rank
     samples: int = 0  # on this rank
     start_s: float = field(default_factory=time.perf_counter)
+    grad_norm_sum: torch.Tensor | None = None  # [1] sum over this interval's optimizer steps
+    optimizer_steps: int = 0
 
     _SUMS = ("loss", "ce", "confidence", "collapse", "correct")
 
@@ -219,7 +226,9 @@ class TrainAccumulator:
         ``weights_only=True``). ``start_s`` is left out: timing cannot be carried over a kill.
         """
         return {"sums": self.sums.detach().cpu().clone(), "micro_steps": self.micro_steps,
-                "samples": self.samples, "num_layers": self.num_layers, "num_experts": self.num_experts}
+                "samples": self.samples, "num_layers": self.num_layers, "num_experts": self.num_experts,
+                "grad_norm_sum": None if self.grad_norm_sum is None else self.grad_norm_sum.detach().cpu().clone(),
+                "optimizer_steps": self.optimizer_steps}
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any], device: Any) -> TrainAccumulator:
@@ -232,15 +241,29 @@ class TrainAccumulator:
         sums = state["sums"]
         if tuple(sums.shape) != (len(cls._SUMS) + L * E,):
             raise ValueError(f"stored log interval has {tuple(sums.shape)} sums, expected {len(cls._SUMS) + L * E}")
+        norm = state.get("grad_norm_sum")
         return cls(sums.to(device=device, dtype=sums.dtype).clone(), L, E, micro_steps=int(state["micro_steps"]),
-                   samples=int(state["samples"]))
+                   samples=int(state["samples"]), grad_norm_sum=None if norm is None else norm.to(device).clone(),
+                   optimizer_steps=int(state.get("optimizer_steps", 0)))
+
+    def add_grad_norm(self, norm: torch.Tensor) -> None:
+        """One optimizer step's global gradient norm (a device scalar, equal on every rank). No host sync."""
+        norm = norm.detach().float().reshape(1)
+        self.grad_norm_sum = norm.clone() if self.grad_norm_sum is None else self.grad_norm_sum + norm
+        self.optimizer_steps += 1
 
     def reduce(self, all_reduce: AllReduce, world_size: int) -> TrainInterval:
         """One all-reduce and one host sync; every rank gets the same interval."""
         import torch
 
         samples = self.sums.new_full((1,), float(self.samples))  # a fill, no host->device copy
-        values = all_reduce(torch.cat([self.sums, samples])).tolist()
+        reduced = all_reduce(torch.cat([self.sums, samples]))
+        grad_norm = None
+        if self.grad_norm_sum is not None:
+            *values, norm_sum = torch.cat([reduced, self.grad_norm_sum.to(reduced.device)]).tolist()
+            grad_norm = norm_sum / self.optimizer_steps
+        else:
+            values = reduced.tolist()
         sums = dict(zip(self._SUMS, values))
         sums["samples"] = values[-1]
         micro_all = max(1, self.micro_steps * world_size)
@@ -250,7 +273,7 @@ class TrainAccumulator:
             loss=sums["loss"] / micro_all, ce=sums["ce"] / micro_all, confidence=sums["confidence"] / micro_all,
             collapse=sums["collapse"] / micro_all, accuracy=sums["correct"] / max(1.0, sums["samples"]),
             samples=sums["samples"], micro_steps=self.micro_steps, elapsed_s=time.perf_counter() - self.start_s,
-            usage_LE=[usage[layer * E:(layer + 1) * E] for layer in range(self.num_layers)])
+            usage_LE=[usage[layer * E:(layer + 1) * E] for layer in range(self.num_layers)], grad_norm=grad_norm)
 
 
 def train_metrics(interval: TrainInterval, *, lr: float, epoch: int, phase: int, grad_accum: int,
@@ -269,6 +292,8 @@ def train_metrics(interval: TrainInterval, *, lr: float, epoch: int, phase: int,
         PERF_IMG_PER_S: interval.samples / max(interval.elapsed_s, 1e-9),
         PERF_STEP_TIME_S: interval.elapsed_s / max(1, interval.micro_steps) * grad_accum,
     }
+    if interval.grad_norm is not None:
+        out[TRAIN_GRAD_NORM] = interval.grad_norm
     steps = max(1, interval.micro_steps // grad_accum)
     if traffic["routed_bytes"]:
         out[COMM_ROUTED_BYTES] = traffic["routed_bytes"] / steps

@@ -35,6 +35,7 @@ from .config import RunConfig
 from .distributed import norm_stats
 from .distributed.env import DistEnv
 from .distributed.expert_parallel import traffic_stats
+from .grad_norm import GradClipper
 from .keyinit import init_keys
 from .keys import KeyUpdater
 from .model.losses import pce_loss
@@ -88,6 +89,7 @@ class Trainer:
         self.micro_per_epoch, self.num_epochs, self.total_steps = (self.run.micro_per_epoch, self.run.num_epochs,
                                                                    self.run.total_steps)
         self.keys = KeyUpdater(model, env)
+        self.grad_clip = GradClipper(cfg.optim.grad_clip, cfg.dist.zero_stage, env)
         self.history: list[dict] = []  # rank-0 view of every logged train metric row
         self.last_eval: dict[str, float] = {}
         self._fixed = None  # images the routing maps show (see _plot_batch)
@@ -243,11 +245,13 @@ class Trainer:
             engine.backward(losses.total)
             self.keys.accumulate(out.routes)
             boundary = engine.is_gradient_accumulation_boundary()
-            engine.step()
+            grad_norm = self.grad_clip.step(engine)  # at the boundary: clipped by the global norm, returned
             with torch.no_grad():
                 acc.add(loss=losses.total, ce=losses.ce, confidence=losses.confidence, collapse=losses.collapse,
                         correct=(out.logits_BK.argmax(1) == y).sum(), selected_NE=[r.selected_NE for r in out.routes],
                         samples=y.shape[0])
+                if grad_norm is not None:
+                    acc.add_grad_norm(grad_norm)
             self.state.micro_step += 1
             self.state.samples_seen += y.shape[0]
             if bar is not None:

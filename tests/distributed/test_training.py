@@ -6,8 +6,10 @@ computes on the whole batch, up to the order of float32 sums (1e-5 relative, 1e-
 The optimizer is SGD: Adam divides each gradient element by its own RMS, so an element
 whose true gradient is zero (a cancelling sum) but whose float32 value is +-1e-9 noise
 gets a full +-lr step -- different noise, different weights -- which would say nothing
-about the distributed code (measured: gradients equal to 3e-8, AdamW weights 1e-3 apart). Gradient clipping is off because
-DeepSpeed's MoE clipping uses the mean of the per-rank norms, not the global norm.
+about the distributed code (measured: gradients equal to 3e-8, AdamW weights 1e-3 apart). ``EXACT`` turns
+gradient clipping off; the cases with ``optim.grad_clip`` turn it on, small enough to bite at
+every step: ``pce_dist.grad_norm`` clips by the global norm, which is the single-process norm
+(``test_grad_norm.py`` checks one step of it on 2 and 4 ranks).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ def _train(rank, world, overrides, epochs):
     trainer.fit()
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return {"state": state, "losses": [h["train/loss"] for h in trainer.history],
+            "grad_norms": [h["train/grad_norm"] for h in trainer.history],
             "keys": [r.keys.detach().clone() for r in model.routers()], "eval": trainer.last_eval}
 
 
@@ -41,9 +44,12 @@ def _single(overrides, epochs):
     return spawn(_train, 1, args=(overrides, epochs), timeout_s=120)[0]
 
 
-@pytest.mark.parametrize("ep_size,extra", [(2, []), (1, []), (2, ["dist.zero_stage=1"]), (2, ["train.grad_accum=2"])])
+@pytest.mark.parametrize("ep_size,extra", [(2, []), (1, []), (2, ["dist.zero_stage=1"]), (2, ["train.grad_accum=2"]),
+                                           (2, ["optim.grad_clip=0.5"]),
+                                           (2, ["optim.grad_clip=0.5", "dist.zero_stage=1"])])
 def test_two_ranks_match_one_process(ep_size, extra):
-    """Phase 1 then phase 2 (keys EMA-updated, then trained): weights, keys and losses agree."""
+    """Phase 1 then phase 2 (keys EMA-updated, then trained): weights, keys, losses and logged
+    gradient norms agree -- with clipping too (the global norm, not a per-rank one)."""
     overrides = [f"dist.ep_size={ep_size}", "train.phase2_epoch=1"] + extra
     # the reference is plain ZeRO-0 on one process: ZeRO-1 keeps fp32 master copies that must
     # also receive the EMA/normalised keys, or the next step silently reverts them
@@ -56,6 +62,10 @@ def test_two_ranks_match_one_process(ep_size, extra):
     assert len(r0["losses"]) == len(ref["losses"]) == (8 if "train.grad_accum=2" not in extra else 4)
     for a, b in zip(r0["losses"], ref["losses"]):
         assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+    for a, b in zip(r0["grad_norms"], ref["grad_norms"]):
+        assert a == pytest.approx(b, rel=1e-5)
+    if "optim.grad_clip=0.5" in extra:  # the clip bit at every step, so the factor mattered
+        assert min(ref["grad_norms"]) > 0.5, ref["grad_norms"]
     for rank, r in enumerate((r0, r1)):
         for name, value in r["state"].items():
             torch.testing.assert_close(value, ref["state"][name], rtol=1e-5, atol=1e-6, msg=f"rank {rank}: {name}")

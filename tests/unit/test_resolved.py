@@ -33,3 +33,13 @@ def test_precision_placement_and_portability():
     assert resolve_precision(load_config(None, []), "cuda") == "bf16"
     with pytest.raises(ValueError, match="dist.precision"):
         resolve_precision(load_config(None, ["dist.precision=bf16"]), "cpu")
+
+
+def test_zero_partitioning_with_replicated_experts_is_refused_before_start():
+    from pce_dist.config import validate_world
+
+    cfg = load_config(None, ["dist.zero_stage=1", "dist.ep_size=2"])
+    validate_world(cfg, 2)  # every expert on one rank: supported
+    with pytest.raises(ValueError, match=r"dist.zero_stage.*every expert on exactly one rank"):
+        validate_world(cfg, 4)
+    validate_world(load_config(None, ["dist.zero_stage=1", "model.kind=dense"]), 4)  # no experts, no problem
