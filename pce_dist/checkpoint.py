@@ -7,20 +7,22 @@ Layout of one checkpoint (a directory under ``<output_dir>/checkpoints/``)::
                          config, MLflow run id, the expert -> file index, every file's size
                          and sha256
       shared.pt          rank 0: every non-expert tensor (stem, routers + keys, conv1x1s,
-                         head, BN statistics) and its optimizer state, LR schedule
+                         head, BN statistics; weights as fp32 masters) and its optimizer
+                         state by parameter name, LR schedule
       experts_r{r}.pt    ranks of the first expert-parallel group: the experts they host,
                          by global id (``layers.<l>.experts.<e>.*``), with optimizer state
       rank{r}.pt         every rank: RNG states, data position, samples seen, loader stats,
                          the open log interval (sums, counts, all-to-all traffic counters)
-      zero_r{r}.pt       only when optimizer state is not portable (ZeRO > 0 or bf16):
-                         DeepSpeed's partitioned optimizer state of rank r
+      zero_r{r}.pt       only in format-2 checkpoints of ZeRO-1/2 or bf16 runs: DeepSpeed's
+                         partitioned optimizer state of rank r (read, never written now)
     latest               a text file naming the newest complete checkpoint
 
 Every expert is stored exactly once, by global id, and optimizer state is stored per
-parameter *name* -- so a checkpoint can be loaded on any world size / ``ep_size``: each
-rank picks the experts it now hosts. The exception is DeepSpeed's partitioned optimizer
-state (ZeRO-1/2, bf16), which is tied to the world size that wrote it: resuming it on
-another layout is refused with an explanation.
+parameter *name* (full fp32 master weights and moments, whatever ZeRO stage and precision
+wrote them: ``optim_state``) -- so a checkpoint can be loaded on any world size,
+``ep_size``, ZeRO stage or precision: each rank takes what it now holds. Only a format-2
+checkpoint of a ZeRO-1/2 or bf16 run (DeepSpeed's partitioned ``zero_r*.pt``) is tied to
+the layout that wrote it; resuming it on another is refused with an explanation.
 
 Atomicity: all ranks write into ``.tmp-step_X``; each rank hashes its files as the bytes
 go out (no second read) and hands ``(size, sha256)`` to rank 0 in the all-gather that ends
@@ -28,6 +30,12 @@ the write; rank 0 checks that every expected file is there, writes ``meta.json``
 the directory into place, then replaces ``latest`` (write + fsync + ``os.replace``). A kill
 at any moment leaves the previous checkpoint and ``latest`` intact; stale ``.tmp-*``
 directories are removed.
+
+Asynchronous save (``checkpoint.async_save``, the default): the step boundary only copies
+the state to host memory; a background thread writes the files and runs the protocol above
+on the ``io`` communicator of its own (``DistEnv``), while training goes on. At most one save
+is in flight; a failure on any rank is raised on every rank at the next save or at the end
+of training (``wait``), and is never published.
 
 Nothing is unpickled beyond tensors and plain containers (``weights_only=True``): a
 checkpoint is data, and a file that would need anything else to load is refused naming
@@ -52,7 +60,9 @@ import pickle
 import random
 import re
 import shutil
-from dataclasses import asdict
+import threading
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO, Sequence
 
@@ -60,17 +70,18 @@ import numpy as np
 import torch
 
 from .config import RunConfig, to_dict
+from . import compat, optim_state
 from .distributed import norm_stats
 from .distributed.env import DistEnv
 from .model.net import is_expert_name
 from .redact import redact_obj
-from .resolved import resolve_precision
 from .state import TrainState
 
 log = logging.getLogger(__name__)
 
-# 2: sha256 per file, redacted config, numpy RNG state as a tensor (1: sizes only, ndarray)
-FORMAT_VERSION = 2
+# 3: optimizer state by parameter name (fp32 masters + moments) for every ZeRO stage and
+#    precision; 2: sha256 per file, redacted config, numpy RNG state as a tensor; 1: sizes only
+FORMAT_VERSION = 3
 # Model keys that change tensor shapes or the function computed: a checkpoint is refused
 # when one of these differs from the config.
 ARCHITECTURE_KEYS = ("kind", "in_channels", "image_size", "num_classes", "stem_channels", "stem_norm", "channels",
@@ -346,26 +357,69 @@ def full_model_state(path: Path) -> tuple[dict, dict]:
     return state, meta["config"]
 
 
+class CheckpointError(RuntimeError):
+    """A save failed; the message names the rank, the file and why, and what ``latest`` still names."""
+
+
+@dataclass
+class _SaveJob:
+    """One checkpoint between the step boundary and its publication."""
+
+    name: str
+    files: dict  # file name -> (object to torch.save, globals it may need to load)
+    state: TrainState
+    reason: str
+    expert_layers: list[str]
+
+
+def host_copy(obj: Any) -> Any:
+    """``obj`` with every tensor copied to host memory and every container rebuilt, so that
+    nothing in it changes when training goes on. CUDA tensors go to pinned buffers without
+    blocking, then one synchronise: the copy costs one device-to-host transfer, not one per
+    tensor."""
+    on_device = []
+
+    def copy(x: Any) -> Any:
+        if torch.is_tensor(x):
+            if x.device.type == "cpu":
+                return x.detach().clone()
+            out = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+            on_device.append(out)
+            return out.copy_(x.detach(), non_blocking=True)
+        if isinstance(x, dict):
+            out = {k: copy(v) for k, v in x.items()}
+            return OrderedDict(out) if isinstance(x, OrderedDict) else out  # a state_dict stays one
+        if isinstance(x, list):
+            return [copy(v) for v in x]
+        if isinstance(x, tuple) and not hasattr(x, "_fields"):
+            return tuple(copy(v) for v in x)
+        return x
+
+    result = copy(obj)
+    if on_device:
+        torch.cuda.synchronize()
+    return result
+
+
 class Checkpointer:
     """Saves and restores sharded checkpoints of one run.
 
     It is handed what it saves (``save(model, engine, state, loader_stats)``) and returns what
     it loads (``load`` -> ``TrainState``); it holds no reference to the trainer and no stop
-    flag. ``portable_optimizer`` comes from the resolved run (``ResolvedRun``); a caller that
-    has none (a test) gets it derived from the config.
+    flag.
     """
 
-    def __init__(self, cfg: RunConfig, env: DistEnv, run_dir: Path, portable_optimizer: bool | None = None) -> None:
+    def __init__(self, cfg: RunConfig, env: DistEnv, run_dir: Path) -> None:
         self.cfg, self.env = cfg, env
         self.root = Path(run_dir) / "checkpoints"
-        if portable_optimizer is None:
-            portable_optimizer = cfg.dist.zero_stage == 0 and resolve_precision(cfg, env.device.type) == "fp32"
-        self.portable_optimizer = portable_optimizer
         self.run_id: str | None = None
         self.log_window: dict | None = None  # set by a same-layout ``load`` (see ``save``)
         self.init_source: dict | None = None  # set by ``warm_start``: what the new run started from
-        self.last_saved: Path | None = None
-        self.saved_step: int | None = None
+        self.last_saved: Path | None = None  # the newest checkpoint published (after ``wait`` when async)
+        self.saved_step: int | None = None  # the step of the newest save started
+        self.asynchronous = cfg.checkpoint.async_save
+        self._pending: threading.Thread | None = None
+        self._failure: str | None = None
 
     # ------------------------------------------------------------------ which checkpoint
 
@@ -438,7 +492,14 @@ class Checkpointer:
 
     def save(self, model: torch.nn.Module, engine: Any, state: TrainState, *, loader_stats: dict | None = None,
              reason: str = "step", log_window: dict | None = None) -> Path:
-        """Every rank calls this at an optimizer-step boundary; returns the checkpoint dir.
+        """Every rank calls this at an optimizer-step boundary; returns the checkpoint dir it
+        will publish.
+
+        The state is taken here, at the boundary: with ``checkpoint.async_save`` it is copied
+        to host memory and the files are written by a background thread while training goes
+        on (the copy is what makes that safe: the live tensors change at the next step); else
+        the write happens before this returns. Either way at most one save is in flight: a
+        save first waits for the previous one (``wait``), which also raises its failure.
 
         Args:
             model: the expert-parallel model (this rank's experts); engine: its DeepSpeed
@@ -448,65 +509,121 @@ class Checkpointer:
                 tensors, ints, None), handed back as ``self.log_window`` by a same-layout
                 ``load`` so the resumed run logs what the uninterrupted one did.
         """
+        self.wait()
         env = self.env
         own_norm = norm_stats.average(model, env)  # one model on disk, whichever rank writes a module
         name = f"step_{state.global_step:08d}"
-        final = self.root / name
-        tmp = self.root / f".tmp-{name}"
-        if env.is_main:
-            self.root.mkdir(parents=True, exist_ok=True)
-            for stale in self.root.glob(".tmp-*"):
-                shutil.rmtree(stale, ignore_errors=True)
-            tmp.mkdir()
-        env.barrier()
-        portable = self.portable_optimizer
-        named_state = self._named_optimizer_state(model, engine.optimizer) if portable else {}
-        model_state = model.state_dict()
-        written: dict[str, tuple[int, str]] = {}
+        masters, named_state = optim_state.gather(model, engine.optimizer)  # a collective under ZeRO-1/2, bf16
+        model_state = {k: masters.get(k, v) for k, v in model.state_dict().items()}
+        files: dict[str, tuple[Any, tuple]] = {}  # file name -> (object, allowed globals)
         if env.is_main:
             shared = {k: v for k, v in model_state.items() if not is_expert_name(k)}
-            written[SHARED_FILE] = _atomic_save(
+            files[SHARED_FILE] = (
                 {"model": shared, "optimizer": {k: v for k, v in named_state.items() if not is_expert_name(k)},
                  "optimizer_groups": self._group_hparams(engine.optimizer),
-                 "scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler else None},
-                tmp / SHARED_FILE)
+                 "scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler else None}, ())
         if env.rank < env.ep_size:  # the first expert-parallel group stores each expert once
             experts = {k: v for k, v in model_state.items() if is_expert_name(k)}
-            written[experts_file(env.rank)] = _atomic_save(
-                {"model": experts, "optimizer": {k: v for k, v in named_state.items() if is_expert_name(k)}},
-                tmp / experts_file(env.rank))
-        if not portable:
-            written[zero_file(env.rank)] = _atomic_save(engine.optimizer.state_dict(), tmp / zero_file(env.rank),
-                                                        allow=_deepspeed_optimizer_globals())
-        written[rank_file(env.rank)] = _atomic_save(
-            {"rng": _rng_state(), "state": asdict(state), "loader": dict(loader_stats or {}),
-             "norm_buffers": own_norm, "log_window": log_window},
-            tmp / rank_file(env.rank))
-        norm_stats.restore(model, own_norm)  # the live run goes on exactly as without this save
-        everyone = env.all_gather_object(written)  # also the barrier after every rank's writes
-        if env.is_main:
-            self._finalise(tmp, final, state, model_state, portable, reason,
-                           {f: entry for w in everyone for f, entry in w.items()})
-        env.barrier()
-        self.last_saved, self.saved_step = final, state.global_step
-        return final
+            files[experts_file(env.rank)] = (
+                {"model": experts, "optimizer": {k: v for k, v in named_state.items() if is_expert_name(k)}}, ())
+        files[rank_file(env.rank)] = ({"rng": _rng_state(), "state": asdict(state), "loader": dict(loader_stats or {}),
+                                       "norm_buffers": own_norm, "log_window": log_window}, ())
+        job = _SaveJob(name=name, files=files, state=replace(state), reason=reason,
+                       expert_layers=sorted({k.partition(".experts.")[0] for k in model_state if is_expert_name(k)}))
+        self.saved_step = state.global_step
+        if self.asynchronous:
+            job.files = host_copy(files)
+            norm_stats.restore(model, own_norm)  # the live run goes on exactly as without this save
+            self._pending = threading.Thread(target=self._run_job, args=(job,), name=f"checkpoint-{name}",
+                                             daemon=True)
+            self._pending.start()
+        else:  # the files hold the live (averaged) statistics until they are written
+            try:
+                self._run_job(job)
+            finally:
+                norm_stats.restore(model, own_norm)
+            self.wait()
+        return self.root / name
 
-    def _finalise(self, tmp: Path, final: Path, state: TrainState, model_state: dict, portable: bool, reason: str,
-                  written: dict[str, tuple[int, str]]) -> None:
+    def wait(self) -> Path | None:
+        """Block until the save in flight (if any) is published; returns the newest checkpoint
+        this run published. Every rank calls it at the same point (the end of training, the
+        next save), so a failure is raised on every rank at once.
+
+        Raises:
+            CheckpointError: the last save failed on some rank (named); ``latest`` still names
+                the checkpoint before it.
+        """
+        if self._pending is not None:
+            self._pending.join()
+            self._pending = None
+        failure, self._failure = self._failure, None
+        if failure is not None:
+            raise CheckpointError(failure)
+        return self.last_saved
+
+    def _run_job(self, job: _SaveJob) -> None:
+        """Write one checkpoint (the background thread's work with ``async_save``).
+
+        Only the ``io`` communicator is used here, never the training thread's. Every rank
+        reaches every collective whatever fails, so a failure on one rank cannot leave the
+        others waiting: it travels in the gathered results and is recorded on every rank."""
         env = self.env
-        expected = expected_files(env.world_size, env.ep_size, portable)
+        final, tmp = self.root / job.name, self.root / f".tmp-{job.name}"
+        error = None
+        if env.is_main:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                for stale in self.root.glob(".tmp-*"):  # left by a killed save; none in flight now
+                    shutil.rmtree(stale, ignore_errors=True)
+                tmp.mkdir()
+            except OSError as exc:
+                error = f"rank 0: cannot create {tmp}: {exc}"
+        error = next((e for e in env.all_gather_object(error, group="io") if e), None)
+        written: dict[str, tuple[int, str]] = {}
+        if error is None:
+            try:
+                for file, (obj, allow) in job.files.items():
+                    written[file] = _atomic_save(obj, tmp / file, allow=allow)
+            except Exception as exc:  # noqa: BLE001 -- reported on every rank, never published
+                error = f"rank {env.rank}: writing {tmp / file} failed: {type(exc).__name__}: {exc}"
+        job.files = {}  # the host copy is no longer needed
+        everyone = env.all_gather_object((written, error), group="io")  # also the barrier after every write
+        errors = [e for _, e in everyone if e]
+        outcome = None
+        if env.is_main:
+            try:
+                if errors:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    outcome = "; ".join(errors)
+                else:
+                    self._finalise(tmp, final, job, {f: entry for w, _ in everyone for f, entry in w.items()})
+            except Exception as exc:  # noqa: BLE001
+                outcome = f"rank 0: publishing {final} failed: {type(exc).__name__}: {exc}"
+        outcome = env.all_gather_object(outcome, group="io")[0]
+        if outcome is None:
+            self.last_saved = final
+        else:
+            self._failure = (f"checkpoint {job.name} ({job.reason}) was not saved: {outcome}; "
+                             f"latest still names {self.last_saved.name if self.last_saved else 'no checkpoint'}")
+            log.error("%s", self._failure)
+
+    def _finalise(self, tmp: Path, final: Path, job: _SaveJob, written: dict[str, tuple[int, str]]) -> None:
+        env = self.env
+        expected = expected_files(env.world_size, env.ep_size, portable=True)
         missing = [f for f in expected if f not in written or not (tmp / f).is_file()
                    or (tmp / f).stat().st_size != written[f][0]]
         if missing:
             raise RuntimeError(f"checkpoint {tmp} is incomplete, missing or short {missing}; not publishing it")
         num_experts = self.cfg.model.num_experts
         per_rank = num_experts // env.ep_size
-        layers = sorted({k.partition(".experts.")[0] for k in model_state if is_expert_name(k)})
-        index = {f"{layer}.experts.{e}": experts_file(e // per_rank) for layer in layers for e in range(num_experts)}
+        index = {f"{layer}.experts.{e}": experts_file(e // per_rank)
+                 for layer in job.expert_layers for e in range(num_experts)}
+        state = job.state
         meta = {
-            "format": FORMAT_VERSION, "reason": reason, "global_step": state.global_step, "epoch": state.epoch,
+            "format": FORMAT_VERSION, "reason": job.reason, "global_step": state.global_step, "epoch": state.epoch,
             "micro_step": state.micro_step, "world_size": env.world_size, "ep_size": env.ep_size,
-            "zero_stage": self.cfg.dist.zero_stage, "portable_optimizer": portable,
+            "zero_stage": self.cfg.dist.zero_stage, "portable_optimizer": True,
             "batch_size": self.cfg.data.batch_size, "mlflow_run_id": self.run_id,
             "config": redact_obj(to_dict(self.cfg)), "expert_files": index,
             "files": {f: written[f][0] for f in expected}, "sha256": {f: written[f][1] for f in expected},
@@ -518,7 +635,7 @@ class Checkpointer:
         _fsync_dir(self.root)
         _atomic_write_text(self.root / "latest", final.name)
         self._prune(keep=self.cfg.checkpoint.keep_last, current=final.name)
-        log.info("checkpoint %s saved (%s)", final, reason)
+        log.info("checkpoint %s saved (%s)", final, job.reason)
 
     def _prune(self, keep: int, current: str) -> None:
         """Keep the newest ``keep`` up to ``current``. Later ones (left by a run that resumed
@@ -527,20 +644,6 @@ class Checkpointer:
         done = sorted(p for p in self.root.glob("step_*") if (p / "meta.json").is_file() and p.name <= current)
         for old in done[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-
-    @staticmethod
-    def _param_names(model: torch.nn.Module) -> dict[int, str]:
-        return {id(p): n for n, p in model.named_parameters()}
-
-    def _named_optimizer_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-        names = self._param_names(model)
-        out = {}
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if p in optimizer.state and optimizer.state[p]:
-                    out[names[id(p)]] = {k: (v.clone() if torch.is_tensor(v) else v)
-                                         for k, v in optimizer.state[p].items()}
-        return out
 
     @staticmethod
     def _group_hparams(optimizer: torch.optim.Optimizer) -> list[dict]:
@@ -564,20 +667,13 @@ class Checkpointer:
         meta = read_meta(path)
         self.check_compatible(meta, path)
         same_layout = meta["world_size"] == env.world_size and meta["ep_size"] == env.ep_size
-        portable_now = self.portable_optimizer
-        if not meta["portable_optimizer"] or not portable_now:
-            if not (same_layout and meta["portable_optimizer"] == portable_now
-                    and meta["zero_stage"] == self.cfg.dist.zero_stage):
-                raise ValueError(
-                    f"checkpoint {path} holds DeepSpeed-partitioned optimizer state (ZeRO stage {meta['zero_stage']}, "
-                    f"{meta['world_size']} ranks, ep_size {meta['ep_size']}); it can only resume on that exact layout "
-                    f"and zero stage (now: {env.world_size} ranks, ep_size {env.ep_size}, ZeRO {self.cfg.dist.zero_stage})."
-                    " Portable checkpoints need dist.zero_stage=0 in fp32.")
-        shared, state, optim_state = self._read_hosted(path, meta, model)
+        if not meta["portable_optimizer"]:
+            self._check_partitioned_layout(meta, path, engine)
+        shared, state, named_state = self._read_hosted(path, meta, model)
         rank_state = load_file(path, meta, rank_file(env.rank if meta["world_size"] == env.world_size else 0))
         model.load_state_dict(state)
         if meta["portable_optimizer"]:
-            self._load_named_optimizer_state(model, engine.optimizer, optim_state)
+            optim_state.scatter(model, engine.optimizer, state, named_state)
         else:
             # DeepSpeed's ZeRO / bf16 optimizers take the list of every rank's state and pick their own
             engine.optimizer.load_state_dict([load_file(path, meta, zero_file(r)) for r in range(meta["world_size"])])
@@ -605,6 +701,19 @@ class Checkpointer:
                  "same" if same_layout else "different")
         return train_state
 
+    def _check_partitioned_layout(self, meta: dict, path: Path, engine: Any) -> None:
+        """A format-2 ``zero_r*.pt`` checkpoint loads only into DeepSpeed's optimizer of the
+        same layout: its ``load_state_dict`` takes every rank's partitions as they were."""
+        env = self.env
+        if not (meta["world_size"] == env.world_size and meta["ep_size"] == env.ep_size
+                and meta["zero_stage"] == self.cfg.dist.zero_stage
+                and compat.flat_fp32_groups(engine.optimizer) is not None):
+            raise ValueError(
+                f"checkpoint {path} (format {meta['format']}) holds DeepSpeed-partitioned optimizer state (ZeRO stage "
+                f"{meta['zero_stage']}, {meta['world_size']} ranks, ep_size {meta['ep_size']}); it can only resume on "
+                f"that exact layout and zero stage (now: {env.world_size} ranks, ep_size {env.ep_size}, ZeRO "
+                f"{self.cfg.dist.zero_stage}). Checkpoints written by this version load on any layout.")
+
     @staticmethod
     def _read_hosted(path: Path, meta: dict, model: torch.nn.Module) -> tuple[dict, dict, dict]:
         """``(shared.pt, model state, named optimizer state)`` of what this rank's ``model``
@@ -613,16 +722,16 @@ class Checkpointer:
         shared = load_file(path, meta, SHARED_FILE)
         wanted = model.state_dict()
         state = dict(shared["model"])
-        optim_state = dict(shared["optimizer"])
+        named = dict(shared["optimizer"])
         needed_files = {meta["expert_files"][_expert_prefix(k)] for k in wanted if is_expert_name(k)}
         for name in sorted(needed_files):
             part = load_file(path, meta, name)
             state.update({k: v for k, v in part["model"].items() if k in wanted})
-            optim_state.update({k: v for k, v in part["optimizer"].items() if k in wanted})
+            named.update({k: v for k, v in part["optimizer"].items() if k in wanted})
         missing = sorted(set(wanted) - set(state))
         if missing:
             raise ValueError(f"checkpoint {path} lacks {len(missing)} tensors this model needs, e.g. {missing[:3]}")
-        return shared, {k: state[k] for k in wanted}, optim_state
+        return shared, {k: state[k] for k in wanted}, named
 
     # ------------------------------------------------------------------ warm start
 
@@ -666,19 +775,15 @@ class Checkpointer:
         meta = read_meta(path)
         self.check_compatible(meta, path)
         with_optimizer = self.cfg.checkpoint.init_optimizer
-        if with_optimizer and not (meta["portable_optimizer"] and self.portable_optimizer):
+        if with_optimizer and not meta["portable_optimizer"]:
             raise ValueError(
-                f"config key 'checkpoint.init_optimizer' = True: checkpoint {path} (ZeRO stage {meta['zero_stage']}, "
-                f"portable optimizer state: {meta['portable_optimizer']}) and this run (ZeRO stage "
-                f"{self.cfg.dist.zero_stage}, portable: {self.portable_optimizer}) must both keep optimizer state by "
-                "parameter name (dist.zero_stage=0 in fp32); set checkpoint.init_optimizer=false to take the weights only")
-        _, state, optim_state = self._read_hosted(path, meta, model)
+                f"config key 'checkpoint.init_optimizer' = True: checkpoint {path} (format {meta['format']}, ZeRO stage "
+                f"{meta['zero_stage']}) keeps DeepSpeed-partitioned optimizer state, which does not map onto a new "
+                "run's parameters; set checkpoint.init_optimizer=false to take the weights only")
+        _, state, named_state = self._read_hosted(path, meta, model)
         model.load_state_dict(state)
-        refresh = getattr(engine.optimizer, "refresh_fp32_params", None)
-        if refresh is not None:  # ZeRO-1/2, bf16: master copies would undo the load at the first step
-            refresh()
-        if with_optimizer:
-            self._load_named_optimizer_state(model, engine.optimizer, optim_state)
+        # the masters too (ZeRO-1/2, bf16): DeepSpeed's fp32 copies would undo the load at the first step
+        optim_state.scatter(model, engine.optimizer, state, named_state if with_optimizer else {})
         source_state = load_file(path, meta, rank_file(0))["state"]
         self.init_source = {"path": str(path), "step": int(meta["global_step"]),
                             "run_id": meta.get("mlflow_run_id") or "", "optimizer": with_optimizer}
@@ -692,12 +797,3 @@ class Checkpointer:
         new_micro = consumed // (self.cfg.data.batch_size * self.env.world_size)
         new_micro -= new_micro % self.cfg.train.grad_accum  # resume on an optimizer-step boundary
         return new_micro, st.samples_seen * meta["world_size"] // self.env.world_size
-
-    def _load_named_optimizer_state(self, model, optimizer, named: dict) -> None:
-        by_id = {id(p): n for n, p in model.named_parameters()}
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                name = by_id[id(p)]
-                if name in named:
-                    optimizer.state[p] = {k: (v.to(p.device) if torch.is_tensor(v) and v.dim() > 0 else v)
-                                          for k, v in named[name].items()}

@@ -1,6 +1,6 @@
 """Every use of another library's private API, in one place, pinned by ``tests/unit/test_compat.py``.
 
-pce_dist leans on four things that DeepSpeed, submitit and torch do not promise to keep.
+pce_dist leans on five things that DeepSpeed, submitit and torch do not promise to keep.
 Each lives here, behind a function whose docstring names the private thing and why no
 public call does the job; ``tests/unit/test_compat.py`` checks each against the installed
 versions (DeepSpeed 0.19, submitit 1.5, torch 2.13 when written), so an upgrade that moves
@@ -109,3 +109,30 @@ def register_expert_groups(name: str, ep_group: Any, ep_ranks: Sequence[int], ed
     groups._EXPERT_PARALLEL_GROUP_RANKS[name] = list(ep_ranks)
     groups._EXPERT_DATA_PARALLEL_GROUP[name] = edp_group
     groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name] = list(edp_ranks)
+
+
+# ----------------------------------------------------------------------------- DeepSpeed optimizers
+
+
+def flat_fp32_groups(optimizer: Any) -> list[tuple[list[Any], Any]] | None:
+    """``[(model parameters, flat fp32 partition)]`` per parameter group of DeepSpeed's
+    ZeRO-1/2 optimizer or its bf16 optimizer; None for a torch optimizer (ZeRO-0 in fp32).
+
+    Semi-private: ``DeepSpeedZeroOptimizer.bit16_groups`` / ``single_partition_of_fp32_groups``
+    and ``BF16_Optimizer.bf16_groups`` / ``fp32_groups_flat_partition`` (no leading
+    underscore, undocumented). The fragment API (``safe_get_full_fp32_param``, ...) works per
+    parameter, but building a group's optimizer state before DeepSpeed's first step (a
+    resume into a fresh engine) needs the group's flat partition, and its parameters in
+    DeepSpeed's order.
+    """
+    if hasattr(optimizer, "single_partition_of_fp32_groups") and hasattr(optimizer, "bit16_groups"):
+        return list(zip(optimizer.bit16_groups, optimizer.single_partition_of_fp32_groups))
+    if hasattr(optimizer, "fp32_groups_flat_partition") and hasattr(optimizer, "bf16_groups"):
+        return list(zip(optimizer.bf16_groups, optimizer.fp32_groups_flat_partition))
+    return None
+
+
+def base_optimizer(optimizer: Any) -> Any:
+    """The torch optimizer DeepSpeed's ZeRO / bf16 optimizer steps over its flat partitions
+    (its ``.optimizer`` attribute; its ``state`` is keyed by those partitions)."""
+    return optimizer.optimizer

@@ -24,8 +24,8 @@ What DeepSpeed 0.19.8 does, per ZeRO stage (read in its source, measured in
   value that is already equal there). Measured equal to the single-process norm where each
   expert lives on one rank (world size == ``ep_size``). With expert replicas (world 4,
   ``ep_size`` 2) DeepSpeed 0.19.8's ZeRO-1 already mis-reduces the expert gradients of EP
-  rank 0 (the norm reads 4.445 for 4.706 because the gradients are wrong) and ZeRO-2
-  crashes; that layout is unsupported at ZeRO-1/2 (``docs/distributed.md``).
+  rank 0 (the norm reads 4.445 for 4.706 because the gradients are wrong), and so does
+  ZeRO-2; that layout is unsupported at ZeRO-1/2 (``docs/distributed.md``).
 
 So this module clips by the true norm on every stage, with one owner:
 * ZeRO-0: DeepSpeed's clipping is switched off (``deepspeed_gradient_clipping`` gives 0)

@@ -61,12 +61,6 @@ class ResolvedRun:
     def dtype(self) -> torch.dtype:
         return torch.bfloat16 if self.precision == "bf16" else torch.float32
 
-    @property
-    def portable_optimizer(self) -> bool:
-        """Optimizer state this process can store by parameter name (ZeRO-0 in fp32); otherwise
-        DeepSpeed partitions it and only its own ``state_dict`` can carry it."""
-        return self.zero_stage == 0 and self.precision == "fp32"
-
 
 def resolve_run(cfg: RunConfig, env, batches_per_epoch: int) -> ResolvedRun:
     """Everything in ``ResolvedRun`` for ``cfg`` on ``env`` (a ``DistEnv``, initialised or not)."""

@@ -194,7 +194,7 @@ def _run(cfg: RunConfig, env: DistEnv, stop: stop_signals.StopRequest, heartbeat
     ensure_data(cfg, env)
     data = ShardData(cfg, env)
     plan = resolve_run(cfg, env, data.steps_per_epoch())  # precision, schedule, placement: derived once
-    checkpointer = Checkpointer(cfg, env, run_dir, portable_optimizer=plan.portable_optimizer)
+    checkpointer = Checkpointer(cfg, env, run_dir)
     resume = checkpointer.find_resume()
     # a warm start only when this run has nothing of its own to continue (a preempted warm
     # start must resume itself, not start over from its source)

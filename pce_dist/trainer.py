@@ -167,6 +167,7 @@ class Trainer:
             stopped = self.train_epoch(self.state.epoch)
             if stopped:
                 self.stopped = True
+                self._finish_saves()
                 return self.last_eval
             self._report_data(self.state.epoch)
             self.on_progress(self.state.global_step, "evaluation")
@@ -182,7 +183,13 @@ class Trainer:
             self.save_checkpoint("final")  # training ended by train.max_steps mid-epoch
         if not self.last_eval:  # resumed from a finished run: nothing to train, still report
             self.evaluate(self.cfg.data.val_split or self.cfg.data.eval_split)
+        self._finish_saves()
         return self.last_eval
+
+    def _finish_saves(self) -> None:
+        """When ``fit`` returns, every checkpoint it started is published (or has failed loudly)."""
+        if self.checkpointer is not None:
+            self.checkpointer.wait()
 
     def _new_accumulators(self) -> names.TrainAccumulator:
         return names.TrainAccumulator.zeros(len(self.model.routers()), self.cfg.model.num_experts, self.device)

@@ -84,10 +84,12 @@ def _all_to_all(out: torch.Tensor, x: torch.Tensor, output_splits: list[int] | N
 class _AllToAll(torch.autograd.Function):
     """Uneven ``all_to_all_single`` along dim 0; backward sends gradients back the same way.
 
-    ``anchor`` (an expert parameter) is an input only so that the output requires grad on
-    *every* rank: a rank that sends or receives no rows would otherwise end up with a
-    result disconnected from the graph, skip this backward, and leave the other ranks
-    waiting in the reverse all-to-all. Forward bytes go to ``stats.<field>``, backward
+    ``anchor`` (a leaf that requires grad) is an input only so that the output requires
+    grad on *every* rank: a rank that sends or receives no rows would otherwise end up with
+    a result disconnected from the graph, skip this backward, and leave the other ranks
+    waiting in the reverse all-to-all. Not a parameter: it gets no gradient, and an
+    optimizer's per-parameter gradient hook (DeepSpeed ZeRO-2 reduces in one) would fire
+    for it with none, which ZeRO-2 cannot take. Forward bytes go to ``stats.<field>``, backward
     bytes to ``stats.backward_bytes``.
     """
 
@@ -134,7 +136,7 @@ class AllToAllDispatcher:
         # 2. routed patches to their expert's rank.
         plan = plan_routes(weights_NE, counts=send)
         x_MCnn = x_NCnn.index_select(0, plan.item_M)
-        anchor = next(iter(experts.parameters()))
+        anchor = x_NCnn.new_zeros((), requires_grad=True)
         x_RCnn = _AllToAll.apply(x_MCnn, output_splits, input_splits, self.group, anchor, self.stats, "dispatch_bytes")
 
         # 3. regroup received rows (source-major) by local expert; run each expert once.

@@ -66,6 +66,8 @@ class DistEnv:
         ep_size: expert-parallel degree; ep_rank: position inside the EP group.
         dp_group, ep_group, edp_group: ``ProcessGroup`` objects after ``init()``; ``None``
             when ``world_size == 1`` (every group would be just this process).
+        io_group: every rank again, on a communicator of its own (gloo) for the checkpoint
+            writer's background thread; reached through ``group="io"``.
         device: ``cuda:<local_rank>`` when CUDA is available, else ``cpu``.
         source: "single", "torchrun" or "slurm" -- where the layout came from.
     """
@@ -106,6 +108,7 @@ class DistEnv:
         self.dp_group: Any = None
         self.ep_group: Any = None
         self.edp_group: Any = None
+        self.io_group: Any = None
         self._owns_process_group = False
         self._initialized = False
 
@@ -257,13 +260,17 @@ class DistEnv:
             group = self._new_group(ranks)
             if self.rank in ranks:
                 self.edp_group = group
+        # A communicator of its own for the checkpoint writer's background thread: two
+        # threads must never issue collectives on one communicator (their order would differ
+        # between ranks). gloo whatever the backend: it carries a few small objects.
+        self.io_group = dist.new_group(list(range(self.world_size)), timeout=self.timeout, backend="gloo")
 
     def destroy(self) -> None:
         """Tear down the groups (and the default group, if ``init()`` created it). Idempotent."""
         if self._owns_process_group and dist.is_initialized():
             dist.destroy_process_group()
         self._owns_process_group = False
-        self.dp_group = self.ep_group = self.edp_group = None
+        self.dp_group = self.ep_group = self.edp_group = self.io_group = None
         self._initialized = False
 
     # ------------------------------------------------------------------ small collectives
@@ -272,11 +279,15 @@ class DistEnv:
         if self.world_size > 1 and not self._initialized:
             raise RuntimeError("DistEnv.init() must be called before collectives")
 
-    def barrier(self) -> None:
+    def barrier(self, group: str = "dp") -> None:
+        """Every rank of the job; ``group="io"`` on the checkpoint writer's communicator (the
+        only group another thread may use, see ``_build_groups``)."""
         self._require_init()
         if self.world_size == 1:
             return
-        if self.backend == "nccl":
+        if group == "io":
+            dist.barrier(group=self.io_group)
+        elif self.backend == "nccl":
             dist.barrier(device_ids=[self.local_rank])  # tells NCCL which GPU, no guessing
         else:
             dist.barrier()
@@ -300,13 +311,13 @@ class DistEnv:
         dist.broadcast_object_list(box, src=src, device=self._object_device())
         return box[0]
 
-    def all_gather_object(self, obj: Any) -> list[Any]:
-        """Every rank's picklable ``obj``, indexed by rank."""
+    def all_gather_object(self, obj: Any, group: str = "dp") -> list[Any]:
+        """Every rank's picklable ``obj``, indexed by rank (``group`` as in ``barrier``)."""
         self._require_init()
         if self.world_size == 1:
             return [obj]
         out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj)
+        dist.all_gather_object(out, obj, group=self.io_group if group == "io" else None)
         return out
 
     # ------------------------------------------------------------------ tensor collectives

@@ -35,3 +35,15 @@ def test_train_step_profile_names_the_ops(tmp_path):
                          cwd=REPO, check=True, capture_output=True, text=True, timeout=300).stdout
     rows = [line for line in out.splitlines() if line.startswith("| aten::")]
     assert len(rows) >= 5 and any("convolution" in r for r in rows), out[-2000:]
+
+
+def test_checkpoint_benchmark_small():
+    out = subprocess.run([sys.executable, "benchmarks/checkpoint.py", "--steps", "10", "--every", "5", "--loops", "1", "--repeats", "1",
+                          "--json"], cwd=REPO, check=True, capture_output=True, text=True, timeout=300).stdout
+    result = json.loads(out)
+    assert [lay["zero_stage"] for lay in result["layouts"]] == [0, 1, 2]
+    assert "zero_r0.pt" not in result["layouts"][0]["files"] and "zero_r0.pt" in result["layouts"][2]["files"]
+    loops = result["loops"]
+    assert loops["sync"]["saves"] == loops["async"]["saves"] == 2
+    # the async call returns after the host copy, the sync one after the write and its fsyncs
+    assert loops["async"]["save_call_s"] < loops["sync"]["save_call_s"]

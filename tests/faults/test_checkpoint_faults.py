@@ -32,6 +32,7 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "distributed"))  # the process harness and in-memory data
 
+import legacy_checkpoint  # noqa: E402
 from multiproc import RankFailed, spawn  # noqa: E402
 from inmemory import EXACT, GLOBAL_BATCH, InMemoryData, NullTracker  # noqa: E402
 
@@ -145,15 +146,34 @@ def test_payload_in_checkpoint_is_refused_on_resume(run, tmp_path, name):
     assert not marker.exists()
 
 
+def _train_format2(rank, world, run_dir, overrides):
+    """``_train``, then this rank's DeepSpeed state added as a format-2 checkpoint has it."""
+    from pce_dist.engine import build_engine
+    from pce_dist.train import build_model_for
+    from pce_dist.trainer import Trainer
+
+    cfg = _config(run_dir, overrides)
+    env = DistEnv.from_environ(cfg.dist).init()
+    model = build_model_for(cfg, env)
+    engine, _ = build_engine(model, cfg, env, total_steps=cfg.train.max_steps)
+    ckpt = Checkpointer(cfg, env, Path(run_dir))
+    Trainer(cfg, env, model, engine, InMemoryData(env.rank, world, num_batches=8), NullTracker(), ckpt).fit()
+    path = ckpt.wait()
+    return str(path), legacy_checkpoint.write_partitioned(engine, path, env.rank)
+
+
 @pytest.fixture(scope="module")
 def zero_run(tmp_path_factory):
+    """A format-2 ZeRO-1 checkpoint (the only kind with ``zero_r*.pt``; still loaded on its own layout)."""
     run_dir = tmp_path_factory.mktemp("zero") / "run"
-    spawn(_train, 1, args=(str(run_dir), ["train.max_steps=2", "dist.zero_stage=1"]), timeout_s=120)
+    [(path, written)] = spawn(_train_format2, 1, args=(str(run_dir), ["train.max_steps=2", "dist.zero_stage=1"]),
+                              timeout_s=120)
+    legacy_checkpoint.as_format2(Path(path), [written])
     return run_dir
 
 
 def test_payload_in_zero_optimizer_state_is_refused(zero_run, tmp_path):
-    """zero_r*.pt is loaded with DeepSpeed's three data classes allowed -- and nothing else."""
+    """zero_r*.pt (format 2) is loaded with DeepSpeed's three data classes allowed -- and nothing else."""
     run = Path(shutil.copytree(zero_run, tmp_path / "run"))
     marker = tmp_path / "pwned"
     ckpt = run / "checkpoints" / OLD

@@ -193,3 +193,18 @@ def test_registered_groups_are_what_deepspeed_reads_back():
         for table in (groups._EXPERT_PARALLEL_GROUP, groups._EXPERT_PARALLEL_GROUP_RANKS,
                       groups._EXPERT_DATA_PARALLEL_GROUP, groups._EXPERT_DATA_PARALLEL_GROUP_RANKS):
             table.pop(name, None)
+
+
+def test_flat_fp32_group_attributes_exist_in_deepspeed():
+    """The attributes ``flat_fp32_groups`` reads are set by the installed optimizers' constructors
+    (their behaviour -- a resume across ZeRO stages -- is tested in tests/distributed)."""
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    zero = inspect.getsource(DeepSpeedZeroOptimizer.__init__)
+    bf16 = inspect.getsource(BF16_Optimizer.__init__) + inspect.getsource(BF16_Optimizer)
+    for attr in ("self.bit16_groups", "self.single_partition_of_fp32_groups", "self.optimizer ="):
+        assert attr in zero, attr
+    for attr in ("self.bf16_groups", "self.fp32_groups_flat_partition", "self.optimizer ="):
+        assert attr in bf16, attr
+    assert compat.flat_fp32_groups(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)) is None

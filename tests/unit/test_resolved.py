@@ -23,13 +23,11 @@ def test_schedule_uses_whole_accumulation_windows_and_max_steps_wins():
         resolve_run(cfg, _env(), batches_per_epoch=2)
 
 
-def test_precision_placement_and_portability():
+def test_precision_and_placement():
     cfg = load_config(None, ["model.num_experts=8", "dist.ep_size=2"])
     run = resolve_run(cfg, _env(rank=3), batches_per_epoch=4)
-    assert run.precision == "fp32" and run.dtype == torch.float32 and run.portable_optimizer
+    assert run.precision == "fp32" and run.dtype == torch.float32
     assert run.local_expert_ids == (4, 5, 6, 7)  # ep_rank 1 of 2 hosts the second half
-    zero = resolve_run(load_config(None, ["dist.zero_stage=1"]), DistEnv(), batches_per_epoch=4)
-    assert not zero.portable_optimizer
     assert resolve_precision(load_config(None, []), "cuda") == "bf16"
     with pytest.raises(ValueError, match="dist.precision"):
         resolve_precision(load_config(None, ["dist.precision=bf16"]), "cpu")
