@@ -107,3 +107,13 @@ def file_records(run_dir: Path) -> list[dict]:
     path = run_dir / FALLBACK_FILE
     lines = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
     return [r for r in lines if "run_id" in r and "session" not in r]
+
+
+def mlflow_run(run_dir: Path):
+    """The client and the one MLflow run recorded under ``run_dir``."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    return client, runs[0]

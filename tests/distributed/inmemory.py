@@ -19,12 +19,38 @@ EXACT = ["optim.name=sgd", "model.expert_norm=group", "model.stem_norm=group", "
          "model.collapse_weight=0",  # the collapse count is per rank batch by definition: not comparable
          "model.expert_pad_batches=false"]  # padding changes float summation order with the batch size
 GLOBAL_BATCH = 8
+# what the checkpoint tests train: 4 experts per layer, keys EMA-updated throughout
+CHECKPOINT_BASE = EXACT + ["model.num_experts=4", "train.phase2_epoch=100"]
+
+
+def checkpointed_run(world: int, run_dir, overrides: list[str], total_steps: int | None = None):
+    """``(cfg, env, model, engine, checkpointer)`` of this rank, built as ``pce_dist.train``
+    builds them, for ``CHECKPOINT_BASE`` + ``overrides`` (the global batch split over ranks)."""
+    from pce_dist.checkpoint import Checkpointer
+    from pce_dist.config import load_config
+    from pce_dist.distributed import DistEnv
+    from pce_dist.engine import build_engine
+    from pce_dist.train import build_model_for
+
+    cfg = load_config(None, CHECKPOINT_BASE + [f"data.batch_size={GLOBAL_BATCH // world}", f"output_dir={run_dir}"]
+                      + list(overrides))
+    env = DistEnv.from_environ(cfg.dist).init()
+    model = build_model_for(cfg, env)
+    engine, _ = build_engine(model, cfg, env, total_steps=total_steps or cfg.train.max_steps)
+    return cfg, env, model, engine, Checkpointer(cfg, env, Path(run_dir))
 
 
 def global_batches(num: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(7)
     return [(torch.randn(GLOBAL_BATCH, 1, 8, 8, generator=g), torch.randint(0, 4, (GLOBAL_BATCH,), generator=g))
             for _ in range(num)]
+
+
+def rank_batch(rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's rows of the first global batch."""
+    x, y = global_batches(1)[0]
+    per = GLOBAL_BATCH // world
+    return x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
 
 
 class InMemoryData:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from inmemory import EXACT, GLOBAL_BATCH, global_batches
+from inmemory import EXACT, GLOBAL_BATCH, rank_batch
 from multiproc import spawn
 
 from pce_dist.config import load_config
@@ -39,9 +39,7 @@ def _one_step(rank, world, ep_size, zero_stage):
     model = build_model_for(cfg, env)
     engine, _ = build_engine(model, cfg, env, total_steps=1)
     model.set_keys_trainable(True)
-    x, y = global_batches(1)[0]
-    per = GLOBAL_BATCH // world
-    x, y = x[env.rank * per:(env.rank + 1) * per], y[env.rank * per:(env.rank + 1) * per]
+    x, y = rank_batch(env.rank, world)
     w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
     engine.backward(pce_loss(engine(x), y, cfg.model).total)
     raw = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}  # ZeRO-0 only

@@ -19,27 +19,16 @@ from pathlib import Path
 import legacy_checkpoint
 import pytest
 import torch
-from inmemory import EXACT, GLOBAL_BATCH, InMemoryData, NullTracker
+from inmemory import GLOBAL_BATCH, InMemoryData, NullTracker, checkpointed_run
 from multiproc import RankFailed, spawn
 
 from pce_dist import optim_state
-from pce_dist.checkpoint import Checkpointer, _deepspeed_optimizer_globals, load_file, read_meta, zero_file
-from pce_dist.config import load_config
-from pce_dist.distributed import DistEnv
-from pce_dist.engine import build_engine
+from pce_dist.checkpoint import _deepspeed_optimizer_globals, load_file, read_meta, zero_file
 from pce_dist.export import export, load_exported
-from pce_dist.train import build_model_for
 from pce_dist.trainer import Trainer
 
-BASE = EXACT + ["model.num_experts=4", "train.phase2_epoch=100", "checkpoint.keep_last=10"]
-
-
 def _setup(world, run_dir, overrides):
-    cfg = load_config(None, BASE + [f"data.batch_size={GLOBAL_BATCH // world}", f"output_dir={run_dir}"] + overrides)
-    env = DistEnv.from_environ(cfg.dist).init()
-    model = build_model_for(cfg, env)
-    engine, _ = build_engine(model, cfg, env, total_steps=20)
-    return cfg, env, model, engine, Checkpointer(cfg, env, Path(run_dir))
+    return checkpointed_run(world, run_dir, ["checkpoint.keep_last=10"] + overrides, total_steps=20)
 
 
 def _fixed_input():

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from inmemory import EXACT, GLOBAL_BATCH, InMemoryData, NullTracker, global_batches
+from inmemory import EXACT, GLOBAL_BATCH, InMemoryData, NullTracker, rank_batch
 from multiproc import spawn
 
 from pce_dist.config import load_config
@@ -79,9 +79,7 @@ def _grads(rank, world, ep_size):
     model = build_model_for(cfg, env)
     engine, _ = build_engine(model, cfg, env, total_steps=1)
     model.set_keys_trainable(True)
-    x, y = global_batches(1)[0]
-    per = GLOBAL_BATCH // world
-    x, y = x[env.rank * per:(env.rank + 1) * per], y[env.rank * per:(env.rank + 1) * per]
+    x, y = rank_batch(env.rank, world)
     out = engine(x)
     loss = pce_loss(out, y, cfg.model).total
     engine.backward(loss)  # DeepSpeed reduces gradients here (stage 0, boundary step)

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from mlflow_server import mlflow_run  # noqa: F401 -- re-exported: one reader of a run dir's MLflow run
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -18,14 +20,12 @@ def launch(args: list[str], **kwargs) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 
 
-def mlflow_run(run_dir: Path):
-    """The client and the one MLflow run recorded under ``run_dir``."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    assert len(runs) == 1, [r.info.run_id for r in runs]
-    return client, runs[0]
+def run_to_end(args: list[str], timeout: float) -> str:
+    """``launch(args)`` waited for; its combined output, after asserting it exited 0."""
+    proc = launch(args)
+    stdout, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, stdout[-3000:]
+    return stdout
 
 
 def metric_histories(run_dir: Path, skip_prefixes: tuple[str, ...] = ()) -> dict[str, dict[int, list[float]]]:

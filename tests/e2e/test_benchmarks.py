@@ -40,9 +40,10 @@ def test_train_step_profile_names_the_ops(tmp_path):
 def test_checkpoint_benchmark_small():
     out = subprocess.run([sys.executable, "benchmarks/checkpoint.py", "--steps", "10", "--every", "5", "--loops", "1", "--repeats", "1",
                           "--json"], cwd=REPO, check=True, capture_output=True, text=True, timeout=300).stdout
-    result = json.loads(out)
+    result = json.loads(out[out.index("\n{\n") + 1:])  # DeepSpeed prints its start-up lines to stdout first
     assert [lay["zero_stage"] for lay in result["layouts"]] == [0, 1, 2]
-    assert "zero_r0.pt" not in result["layouts"][0]["files"] and "zero_r0.pt" in result["layouts"][2]["files"]
+    # one layout at every ZeRO stage: the same files, no DeepSpeed-partitioned zero_r*.pt
+    assert all(lay["files"] == ["experts_r0.pt", "meta.json", "rank0.pt", "shared.pt"] for lay in result["layouts"])
     loops = result["loops"]
     assert loops["sync"]["saves"] == loops["async"]["saves"] == 2
     # the async call returns after the host copy, the sync one after the write and its fsyncs

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from e2e_runs import launch, mlflow_run
+from e2e_runs import launch, mlflow_run, run_to_end
 
 OVERRIDES = ["dist.ep_size=2", "train.max_steps=30", "checkpoint.every_steps=8", "train.log_every_steps=1",
              "checkpoint.keep_last=10"]
@@ -21,10 +21,7 @@ def _args(out: Path, root: Path) -> list[str]:
 
 
 def _run(out: Path, root: Path, timeout: float = 300) -> str:
-    proc = launch(_args(out, root))
-    stdout, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, stdout[-3000:]
-    return stdout
+    return run_to_end(_args(out, root), timeout)
 
 
 def _tensors(ckpt: Path) -> dict[str, torch.Tensor]:

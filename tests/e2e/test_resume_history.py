@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import pytest
-from e2e_runs import launch, metric_histories
+from e2e_runs import launch, metric_histories, run_to_end
 
 OVERRIDES = ["dist.ep_size=2", "train.max_steps=40", "checkpoint.every_steps=5", "train.log_every_steps=10",
              "checkpoint.keep_last=10", "dist.heartbeat_s=0.1"]
@@ -45,10 +45,7 @@ def _args(out: Path, root: Path) -> list[str]:
 
 
 def _run(out: Path, root: Path, timeout: float = 400) -> str:
-    proc = launch(_args(out, root))
-    stdout, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, stdout[-3000:]
-    return stdout
+    return run_to_end(_args(out, root), timeout)
 
 
 def _step(out: Path) -> int:

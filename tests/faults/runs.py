@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from mlflow_server import mlflow_run  # noqa: F401 -- re-exported: one reader of a run dir's MLflow run
+
 REPO = Path(__file__).resolve().parents[2]
 LAUNCHER = REPO / "launch" / "local.py"
 
@@ -61,15 +63,6 @@ def finish(proc: subprocess.Popen, timeout_s: float = 300) -> str:
         out, _ = proc.communicate()
         raise AssertionError(f"the run did not end in {timeout_s} s:\n{out[-3000:]}")
     return out
-
-
-def mlflow_run(run_dir: Path):
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    assert len(runs) == 1, [r.info.run_id for r in runs]
-    return client, runs[0]
 
 
 def history(run_dir: Path, key: str) -> dict[int, float]:

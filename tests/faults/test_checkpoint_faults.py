@@ -61,7 +61,10 @@ def _config(run_dir, overrides):
     return load_config(None, BASE + [f"output_dir={run_dir}"] + overrides)
 
 
-def _train(rank, world, run_dir, overrides):
+def _train(rank, world, run_dir, overrides, format2=False):
+    """Resume if there is a checkpoint, train, save; returns (resumed from, its step). With
+    ``format2``: this rank's DeepSpeed state is added to the last checkpoint as a format-2
+    checkpoint had it, and ``(path, what was written)`` is returned."""
     from pce_dist.engine import build_engine
     from pce_dist.train import build_model_for
     from pce_dist.trainer import Trainer
@@ -77,6 +80,9 @@ def _train(rank, world, run_dir, overrides):
     trainer = Trainer(cfg, env, model, engine, InMemoryData(env.rank, world, num_batches=8), NullTracker(), ckpt,
                       state=state)
     trainer.fit()
+    if format2:
+        saved = ckpt.wait()
+        return str(saved), legacy_checkpoint.write_partitioned(engine, saved, env.rank)
     return resumed
 
 
@@ -146,27 +152,11 @@ def test_payload_in_checkpoint_is_refused_on_resume(run, tmp_path, name):
     assert not marker.exists()
 
 
-def _train_format2(rank, world, run_dir, overrides):
-    """``_train``, then this rank's DeepSpeed state added as a format-2 checkpoint has it."""
-    from pce_dist.engine import build_engine
-    from pce_dist.train import build_model_for
-    from pce_dist.trainer import Trainer
-
-    cfg = _config(run_dir, overrides)
-    env = DistEnv.from_environ(cfg.dist).init()
-    model = build_model_for(cfg, env)
-    engine, _ = build_engine(model, cfg, env, total_steps=cfg.train.max_steps)
-    ckpt = Checkpointer(cfg, env, Path(run_dir))
-    Trainer(cfg, env, model, engine, InMemoryData(env.rank, world, num_batches=8), NullTracker(), ckpt).fit()
-    path = ckpt.wait()
-    return str(path), legacy_checkpoint.write_partitioned(engine, path, env.rank)
-
-
 @pytest.fixture(scope="module")
 def zero_run(tmp_path_factory):
     """A format-2 ZeRO-1 checkpoint (the only kind with ``zero_r*.pt``; still loaded on its own layout)."""
     run_dir = tmp_path_factory.mktemp("zero") / "run"
-    [(path, written)] = spawn(_train_format2, 1, args=(str(run_dir), ["train.max_steps=2", "dist.zero_stage=1"]),
+    [(path, written)] = spawn(_train, 1, args=(str(run_dir), ["train.max_steps=2", "dist.zero_stage=1"], True),
                               timeout_s=120)
     legacy_checkpoint.as_format2(Path(path), [written])
     return run_dir
