@@ -69,8 +69,8 @@ from typing import Any, BinaryIO, Sequence
 import numpy as np
 import torch
 
-from .config import RunConfig, to_dict
 from . import compat, optim_state
+from .config import RunConfig, to_dict
 from .distributed import norm_stats
 from .distributed.env import DistEnv
 from .model.net import is_expert_name
@@ -391,8 +391,9 @@ def host_copy(obj: Any) -> Any:
             return OrderedDict(out) if isinstance(x, OrderedDict) else out  # a state_dict stays one
         if isinstance(x, list):
             return [copy(v) for v in x]
-        if isinstance(x, tuple) and not hasattr(x, "_fields"):
-            return tuple(copy(v) for v in x)
+        if isinstance(x, tuple):
+            items = [copy(v) for v in x]
+            return type(x)(*items) if hasattr(x, "_fields") else tuple(items)  # a namedtuple stays one
         return x
 
     result = copy(obj)

@@ -279,15 +279,11 @@ class DistEnv:
         if self.world_size > 1 and not self._initialized:
             raise RuntimeError("DistEnv.init() must be called before collectives")
 
-    def barrier(self, group: str = "dp") -> None:
-        """Every rank of the job; ``group="io"`` on the checkpoint writer's communicator (the
-        only group another thread may use, see ``_build_groups``)."""
+    def barrier(self) -> None:
         self._require_init()
         if self.world_size == 1:
             return
-        if group == "io":
-            dist.barrier(group=self.io_group)
-        elif self.backend == "nccl":
+        if self.backend == "nccl":
             dist.barrier(device_ids=[self.local_rank])  # tells NCCL which GPU, no guessing
         else:
             dist.barrier()
@@ -312,7 +308,8 @@ class DistEnv:
         return box[0]
 
     def all_gather_object(self, obj: Any, group: str = "dp") -> list[Any]:
-        """Every rank's picklable ``obj``, indexed by rank (``group`` as in ``barrier``)."""
+        """Every rank's picklable ``obj``, indexed by rank; ``group="io"`` on the checkpoint
+        writer's communicator (the only group another thread may use, see ``_build_groups``)."""
         self._require_init()
         if self.world_size == 1:
             return [obj]
