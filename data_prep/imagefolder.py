@@ -47,14 +47,14 @@ class ImageFiles(Sequence):
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
             raise SourceError(path, f"cannot decode image: {exc}") from None
         if self.resize_to:
-            im = _resize_center_crop(im, self.resize_to)
+            im = resize_center_crop(im, self.resize_to)
         if self.expect is not None and (im.height, im.width) != self.expect:
             raise SourceError(path, f"image is {im.height}x{im.width} but the dataset is "
                                     f"{self.expect[0]}x{self.expect[1]}; pass --image-size N to resize all")
         return np.asarray(im, dtype=np.uint8)
 
 
-def _resize_center_crop(im: Image.Image, size: int) -> Image.Image:
+def resize_center_crop(im: Image.Image, size: int) -> Image.Image:
     """Shorter side to ``size`` then a centred square crop: keeps the aspect ratio."""
     scale = size / min(im.width, im.height)
     w, h = max(size, round(im.width * scale)), max(size, round(im.height * scale))

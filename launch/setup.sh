@@ -5,7 +5,7 @@
 #                   this machine's disk; on a GPU cluster pass your CUDA build, e.g. "torch").
 #   PCE_VENV        where to put the venv (default .venv in the repo root).
 set -euo pipefail
-root="$(cd "$(dirname "$0")/.." && pwd)"
+root="$(cd "$(dirname "$(readlink -f "$0")")/.." && pwd)"  # the repo this script is in, even through a symlink
 venv="${PCE_VENV:-$root/.venv}"
 torch_spec="${PCE_TORCH_SPEC:-torch==2.13.0}"
 stamp="$venv/.pce_setup_stamp"

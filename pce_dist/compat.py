@@ -1,9 +1,9 @@
 """Every use of another library's private API, in one place, pinned by ``tests/unit/test_compat.py``.
 
-pce_dist leans on five things that DeepSpeed, submitit and torch do not promise to keep.
+pce_dist leans on a few things that DeepSpeed, submitit, torch and MLflow do not promise to keep.
 Each lives here, behind a function whose docstring names the private thing and why no
 public call does the job; ``tests/unit/test_compat.py`` checks each against the installed
-versions (DeepSpeed 0.19, submitit 1.5, torch 2.13 when written), so an upgrade that moves
+versions (DeepSpeed 0.19, submitit 1.5, torch 2.13, MLflow 3.17 when written), so an upgrade that moves
 one fails there, by name, instead of deep inside a training run.
 
 Nothing is imported at module level: ``launch/local.py`` and ``import pce_dist`` stay cheap.
@@ -136,3 +136,39 @@ def base_optimizer(optimizer: Any) -> Any:
     """The torch optimizer DeepSpeed's ZeRO / bf16 optimizer steps over its flat partitions
     (its ``.optimizer`` attribute; its ``state`` is keyed by those partitions)."""
     return optimizer.optimizer
+
+
+# ----------------------------------------------------------------------------- MLflow system metrics
+
+
+def system_metrics_monitor(run_id: str, *, around_loop: Callable[[], Any], **kwargs: Any) -> Any:
+    """MLflow's ``SystemMetricsMonitor`` whose sampling thread runs inside ``around_loop()``.
+
+    Private: that ``start()`` runs the thread on the ``monitor`` method (MLflow documents
+    the class, not its thread's target). ``around_loop`` puts the thread's every request
+    under pce_dist's HTTP limits: MLflow reads them from the environment per call, and its
+    default retries take minutes against a hung server. ``kwargs`` go to the constructor.
+    """
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    class BoundedMonitor(SystemMetricsMonitor):
+        def monitor(self) -> None:
+            with around_loop():
+                super().monitor()
+
+    return BoundedMonitor(run_id, **kwargs)
+
+
+def stop_system_metrics_monitor(monitor: Any, timeout_s: float) -> bool:
+    """Ask the monitor's thread to stop and wait ``timeout_s`` at most; False if it is still running.
+
+    Private: ``_shutdown_event`` and ``_process`` (the thread). The public ``finish()``
+    joins the thread without a bound and then flushes on the caller's thread, so a hung
+    tracking server would hang the end of training.
+    """
+    monitor._shutdown_event.set()
+    thread = monitor._process
+    if thread is None:
+        return True
+    thread.join(timeout_s)
+    return not thread.is_alive()

@@ -156,6 +156,14 @@ class TrackingConfig:
     tracking_uri: str = ""  # "" = sqlite:///<output_dir>/mlflow.db (no server needed); env MLFLOW_TRACKING_URI wins
     experiment: str = "pce_dist"  # MLflow experiment: the unit `python -m pce_dist.compare` ranks runs in
     run_name: str = ""  # "" = MLflow picks a name; the run id, not the name, is what resume uses
+    # MLflow's own system metrics (CPU, memory, disk, network; GPU with nvidia-ml-py), sampled by one
+    # process per node (local rank 0) as system/node<k>/...: a slow node or a leak on one host shows.
+    system_metrics: bool = True
+    system_metrics_interval_s: float = 10.0  # seconds between samples (each sample is one request per node)
+    # At the end of a finished run rank 0 exports the model and logs it in MLflow's PyTorch flavour
+    # (artifact "model": signature, input example, the safetensors export beside it).
+    log_model: bool = True
+    register_as: str = ""  # "" = not registered; else the model registry name of a new version
 
 
 @dataclass
@@ -431,6 +439,10 @@ def validate(cfg: RunConfig) -> None:
     _require(ds.timeout_s > 0, "dist.timeout_s", ds.timeout_s, "must be > 0")
     _require(0 < ds.heartbeat_s < ds.timeout_s, "dist.heartbeat_s", ds.heartbeat_s,
              f"must be > 0 and below dist.timeout_s={ds.timeout_s}")
+
+    tr = cfg.tracking
+    _require(tr.system_metrics_interval_s > 0, "tracking.system_metrics_interval_s", tr.system_metrics_interval_s,
+             "must be > 0 (tracking.system_metrics=false turns sampling off)")
 
     c = cfg.checkpoint
     _require(c.every_steps >= 0, "checkpoint.every_steps", c.every_steps, "must be >= 0")

@@ -379,6 +379,21 @@ def augment_samples(samples: Iterator, *, padding: int, hflip: bool, seed: str) 
         yield image_CHW, label, key
 
 
+def normalize(images_BCHW: np.ndarray, mean: list[float], std: list[float]) -> np.ndarray:
+    """uint8 pixels -> the model's float32 input, ``(x / 255 - mean) / std`` per channel.
+
+    The one definition of the model's input: the loaders and ``pce_dist.predict`` use it.
+    Computed as ``x * scale - shift`` in two in-place passes, in numpy because torch's
+    intra-op threads cost more than they save on a batch this small.
+    """
+    scale_C11 = np.array([1.0 / (255.0 * s) for s in std], dtype=np.float32).reshape(-1, 1, 1)
+    shift_C11 = np.array([m / s for m, s in zip(mean, std)], dtype=np.float32).reshape(-1, 1, 1)
+    out_BCHW = images_BCHW.astype(np.float32)
+    out_BCHW *= scale_C11
+    out_BCHW -= shift_C11
+    return out_BCHW
+
+
 def fixed_batches(samples: Iterator, *, num_batches: int, batch_size: int, shape_CHW: tuple[int, int, int],
                   mean: list[float], std: list[float], pad_mode: str, stats: _Stats,
                   finite: bool = True) -> Iterator[tuple]:
@@ -396,10 +411,6 @@ def fixed_batches(samples: Iterator, *, num_batches: int, batch_size: int, shape
     skipped for every process's last shard.
     """
     samples = iter(samples)
-    # (x / 255 - mean) / std == x * scale - shift: two in-place passes, in numpy because
-    # torch's intra-op threads cost more than they save on a batch this small.
-    scale_C11 = np.array([1.0 / (255.0 * s) for s in std], dtype=np.float32).reshape(-1, 1, 1)
-    shift_C11 = np.array([m / s for m, s in zip(mean, std)], dtype=np.float32).reshape(-1, 1, 1)
     recent: deque = deque(maxlen=batch_size)
     for k in range(num_batches):
         batch = [(img, label, True) for img, label, _key in itertools.islice(samples, batch_size)]
@@ -416,10 +427,7 @@ def fixed_batches(samples: Iterator, *, num_batches: int, batch_size: int, shape
         elif short:
             batch += [(np.zeros(shape_CHW, dtype=np.uint8), 0, False)] * short
         stats.counts["samples_padded"] += short
-        images_BCHW = np.stack([b[0] for b in batch]).astype(np.float32)
-        images_BCHW *= scale_C11
-        images_BCHW -= shift_C11
-        images_BCHW = torch.from_numpy(images_BCHW)
+        images_BCHW = torch.from_numpy(normalize(np.stack([b[0] for b in batch]), mean, std))
         labels_B = torch.tensor([b[1] for b in batch], dtype=torch.int64)
         valid_B = torch.tensor([b[2] for b in batch], dtype=torch.bool)
         if pad_mode == "invalid":

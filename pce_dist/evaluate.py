@@ -1,6 +1,7 @@
 """Evaluate an exported model on one process: ``python -m pce_dist.evaluate MODEL``.
 
-    python -m pce_dist.evaluate MODEL.safetensors|MODEL.pt [--data-root DIR] [--split test] [--batch-size N] [--json]
+    python -m pce_dist.evaluate MODEL.safetensors|MODEL.pt|runs:/ID/model [--data-root DIR] [--split test]
+                                [--batch-size N] [--tracking-uri URI] [--json]
 
 Uses the same data pipeline (``pce_dist.data``), the same metric arithmetic
 (``pce_dist.evaluation``) and the same metric names (``pce_dist.metrics``) as the
@@ -9,9 +10,10 @@ prints what one image costs (``pce_dist.flops``: total and active parameters, fo
 FLOPs, experts per patch), measured on the split's first batch with the trained routing --
 the numbers that put a PCE run and its dense baseline side by side.
 
-The model is read by ``pce_dist.export.load_exported``, which unpickles nothing but tensors:
-a file that needs more is refused and the command exits with status 2 naming it, as it
-does for a missing file or data root.
+The model is read by ``pce_dist.export.read_model``, which unpickles nothing but tensors
+(an MLflow model URI is read from the safetensors export logged with it): a file that
+needs more is refused and the command exits with status 2 naming it, as it does for a
+missing file or data root.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 from . import evaluation, flops
 from . import metrics as names
 from .config import config_from_dict
-from .export import load_exported
+from .export import read_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,10 +39,11 @@ class FileEvaluation:
 
 
 def evaluate_file(path: str, *, data_root: str | None = None, split: str | None = None,
-                  batch_size: int | None = None) -> FileEvaluation:
+                  batch_size: int | None = None, tracking_uri: str | None = None) -> FileEvaluation:
     from .data import build_eval_loader
 
-    model, config = load_exported(path)
+    exported = read_model(path, tracking_uri)
+    model, config = exported.model, exported.config
     cfg = config_from_dict(config)
     data_cfg = dataclasses.replace(cfg.data, root=data_root or cfg.data.root,
                                    batch_size=batch_size or cfg.data.batch_size)
@@ -64,11 +67,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-root", default=None, help="shards directory (default: the run's data.root)")
     ap.add_argument("--split", default=None, help="split to evaluate (default: the run's data.eval_split)")
     ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--tracking-uri", default=None, help="store of a runs:/ or models:/ URI "
+                                                         "(default: MLFLOW_TRACKING_URI)")
     ap.add_argument("--json", action="store_true", help="print every metric as one JSON object")
     args = ap.parse_args(argv)
     try:
-        result = evaluate_file(args.model, data_root=args.data_root, split=args.split, batch_size=args.batch_size)
-    except (ValueError, FileNotFoundError) as exc:  # a refused or unreadable model, a bad data root
+        result = evaluate_file(args.model, data_root=args.data_root, split=args.split, batch_size=args.batch_size,
+                               tracking_uri=args.tracking_uri)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:  # a refused or unreadable model, a bad data root
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.json:

@@ -24,6 +24,9 @@ Schema. ``<p>`` is the phase prefix: ``train`` for training, ``eval`` for
     data/<count>                                             samples_skipped, samples_padded, shards_failed, ...
     cost/total_params, cost/active_params, cost/fwd_mflop_per_img, cost/experts_per_patch/layer<l>
                                                              (``python -m pce_dist.evaluate`` only)
+    system/node<k>/<name>                                    MLflow's own system metrics, one series per
+                                                             node (cpu_utilization_percentage, gpu_0_...);
+                                                             named by MLflow, step = sample index
 
 Why the router family carries the phase: training and every evaluated split are separate
 series of the same quantities, laid out alike. Before, training logged
@@ -96,6 +99,13 @@ COMM_DISPATCH_BYTES = "comm/dispatch_bytes_per_step"
 COMM_RETURN_BYTES = "comm/return_bytes_per_step"
 
 KEYINIT_SECONDS_TOTAL = "keyinit/seconds_total"
+
+SYSTEM_PREFIX = "system/"  # MLflow's system metrics: measurements of the machine, not of training
+
+
+def system_node(node_rank: int) -> str:
+    """The node id in ``system/<node id>/...`` (``pce_dist.tracking.system``)."""
+    return f"node{node_rank}"
 
 COST_TOTAL_PARAMS = "cost/total_params"
 COST_ACTIVE_PARAMS = "cost/active_params"

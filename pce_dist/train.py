@@ -225,6 +225,10 @@ def _run(cfg: RunConfig, env: DistEnv, stop: stop_signals.StopRequest, heartbeat
             metrics = trainer.evaluate(cfg.data.eval_split)
         status = "STOPPED" if stopped else "FINISHED"
         by = env.all_gather_object(stop.name) if stopped else []
+        model_uri = None
+        if env.is_main and status == "FINISHED" and cfg.tracking.log_model and checkpointer.last_saved:
+            model_uri = log_model(tracker, checkpointer.last_saved, run_dir, data.class_names, cfg.tracking.register_as,
+                                  step=trainer.state.global_step)
         if env.is_main:
             acc = metrics.get(names.EVAL_ACCURACY)
             if status == "FINISHED" and acc is not None:
@@ -234,12 +238,27 @@ def _run(cfg: RunConfig, env: DistEnv, stop: stop_signals.StopRequest, heartbeat
                 print(f"\nstopped by {who} at step {trainer.state.global_step} after checkpoint "
                       f"{checkpointer.last_saved}; run the same command to resume", flush=True)
             print(f"MLflow run: {tracker.run_id} ({tracker.tracking_uri})", flush=True)
+            if model_uri:
+                print(f"MLflow model: {model_uri}", flush=True)
             print(f"checkpoints: {checkpointer.root}", flush=True)
         return RunResult(status=status, metrics=metrics, run_id=tracker.run_id,
                          checkpoint=str(checkpointer.last_saved) if checkpointer.last_saved else None)
     finally:
         # a stopped run is KILLED in MLflow until its continuation resumes it (back to RUNNING)
         tracker.finish({"FINISHED": "FINISHED", "STOPPED": "KILLED"}.get(status, "FAILED"))
+
+
+def log_model(tracker, checkpoint: Path, run_dir: Path, class_names: list[str], register_as: str, *,
+              step: int) -> str | None:
+    """Rank 0, a finished run: ``RUN_DIR/model.safetensors`` from the final checkpoint, logged to MLflow.
+
+    The export is the trained model whatever MLflow does; a failed upload is a warning
+    (``Tracker.log_model``) naming the command that logs it later.
+    """
+    from .export import RUN_EXPORT, export
+
+    exported = export(checkpoint, run_dir / RUN_EXPORT, class_names=class_names)
+    return tracker.log_model(exported, step=step, register_as=register_as)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -63,6 +63,9 @@ class DistEnv:
 
     Attributes:
         rank, local_rank, world_size: this process in the job, on its node, and the total.
+        node_rank: which node this process runs on (SLURM_NODEID; torchrun's GROUP_RANK or
+            NODE_RANK; 0 for a single node). Per-node work -- one system-metrics sampler --
+            runs where ``local_rank == 0``.
         ep_size: expert-parallel degree; ep_rank: position inside the EP group.
         dp_group, ep_group, edp_group: ``ProcessGroup`` objects after ``init()``; ``None``
             when ``world_size == 1`` (every group would be just this process).
@@ -84,6 +87,7 @@ class DistEnv:
         backend: str = "auto",
         timeout_s: float = 300.0,
         source: str = "single",
+        node_rank: int = 0,
     ) -> None:
         if world_size < 1:
             raise ValueError(f"world size must be >= 1, got {world_size}")
@@ -91,6 +95,8 @@ class DistEnv:
             raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
         if local_rank < 0:
             raise ValueError(f"local rank must be >= 0, got {local_rank}")
+        if node_rank < 0:
+            raise ValueError(f"node rank must be >= 0, got {node_rank}")
         check_expert_layout(ep_size, world_size=world_size)
         if backend not in _BACKENDS:
             raise ValueError(f"config key 'dist.backend' = {backend!r}: not one of {list(_BACKENDS)}")
@@ -103,6 +109,7 @@ class DistEnv:
         self.requested_backend = backend
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self.source = source
+        self.node_rank = node_rank
         self.backend: str | None = None  # resolved by init()
         self.device = torch.device("cpu")
         self.dp_group: Any = None
@@ -133,6 +140,7 @@ class DistEnv:
                 master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
                 master_port=_env_int(env, "MASTER_PORT") if "MASTER_PORT" in env else None,
                 source="torchrun",
+                node_rank=next((_env_int(env, n) for n in ("GROUP_RANK", "NODE_RANK") if n in env), 0),
                 **common,
             )
         if "SLURM_PROCID" in env:
@@ -157,6 +165,7 @@ class DistEnv:
                 master_addr=addr,
                 master_port=port,
                 source="slurm",
+                node_rank=_env_int(env, "SLURM_NODEID") if "SLURM_NODEID" in env else 0,
                 **common,
             )
         return cls(source="single", **common)

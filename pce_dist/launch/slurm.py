@@ -184,7 +184,7 @@ def _export_local_layout(cluster: str) -> None:
 
     job_env = submitit.JobEnvironment()
     os.environ.update(RANK=str(job_env.global_rank), LOCAL_RANK=str(job_env.local_rank),
-                      WORLD_SIZE=str(job_env.num_tasks), MASTER_ADDR="127.0.0.1",
+                      WORLD_SIZE=str(job_env.num_tasks), GROUP_RANK=str(job_env.node), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(slurm_master_port(job_env.job_id)))  # same port in every task
 
 
@@ -201,7 +201,7 @@ def make_executor(spec: JobSpec, cfg, partition: str | None):
     folder = Path(cfg.output_dir) / "slurm" / "%j"
     setup = [
         # DistEnv prefers torchrun's variables to SLURM's: none may leak in from the submitting shell
-        "unset RANK LOCAL_RANK WORLD_SIZE LOCAL_WORLD_SIZE MASTER_ADDR MASTER_PORT",
+        "unset RANK LOCAL_RANK WORLD_SIZE LOCAL_WORLD_SIZE GROUP_RANK NODE_RANK MASTER_ADDR MASTER_PORT",
         f"export PYTHONPATH={shlex.quote(str(REPO_ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}",
         f"export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-{spec.cpus_per_task}}}",  # as torchrun: no oversubscription
     ]

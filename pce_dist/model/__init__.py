@@ -7,7 +7,7 @@ from .dispatch import DenseReferenceDispatcher, Dispatcher, LocalDispatcher, Rou
 from .experts import ConvExpert
 from .layer import DenseLayer, PCELayer
 from .losses import LossResult, pce_loss
-from .net import PCENet, PCEOutput, build_model
+from .net import PCEClassifier, PCENet, PCEOutput, build_model
 from .patches import PatchExtractor
 from .router import Router, spp
 from .routing import RouteResult, ThresholdWeights, adaptive_threshold, ema_keys, route
@@ -15,6 +15,6 @@ from .specs import ExpertSpec, RouterSpec
 
 __all__ = [
     "ConvExpert", "DenseLayer", "DenseReferenceDispatcher", "Dispatcher", "ExpertSpec", "LocalDispatcher", "LossResult",
-    "PCELayer", "PCENet", "PCEOutput", "PatchExtractor", "RoutePlan", "RouteResult", "Router", "RouterSpec",
-    "ThresholdWeights", "adaptive_threshold", "build_model", "ema_keys", "pce_loss", "plan_routes", "route", "spp",
+    "PCEClassifier", "PCELayer", "PCENet", "PCEOutput", "PatchExtractor", "RoutePlan", "RouteResult", "Router",
+    "RouterSpec", "ThresholdWeights", "adaptive_threshold", "build_model", "ema_keys", "pce_loss", "plan_routes", "route", "spp",
 ]

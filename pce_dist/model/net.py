@@ -100,3 +100,19 @@ def is_expert_name(name: str) -> bool:
 
 def build_model(cfg: ModelConfig) -> PCENet:
     return PCENet(cfg)
+
+
+class PCEClassifier(nn.Module):
+    """``PCENet`` that returns only the logits ``[B, K]``.
+
+    MLflow's PyTorch flavour, its pyfunc wrapper and model serving expect one tensor in and
+    one tensor out; ``PCEOutput`` also carries the routing, which ``pce_dist.predict``
+    reads from the ``net`` inside.
+    """
+
+    def __init__(self, net: PCENet) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+        return self.net(x_BCHW).logits_BK

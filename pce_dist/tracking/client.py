@@ -44,14 +44,15 @@ class _MlflowSettings:
 
     The HTTP caps (retries, backoff factor, socket timeout), and no printing of run URLs:
     MLflow writes ``View run ... at: <live URI>`` to stdout on ``set_terminated``, password
-    included (train.py prints the redacted URI instead). MLflow reads these from the
+    included (train.py prints the redacted URI instead); no artifact progress bars either
+    (a model upload or download would draw one per file into the training log). MLflow reads these from the
     environment at call time, so they are process-wide: the writer thread and the main
     thread may both be inside. A reference count keeps one from removing them under the
     other; the first one in chooses the limits.
     """
 
     _LIMITS = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_TIMEOUT")
-    _QUIET = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
+    _QUIET = ("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")  # set to quiet
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -62,7 +63,8 @@ class _MlflowSettings:
     def __call__(self, limits: tuple[int, int, int]) -> Iterator[None]:
         with self._lock:
             if self._users == 0:
-                values = {**dict(zip(self._LIMITS, map(str, limits))), self._QUIET: "true"}
+                quiet = dict(zip(self._QUIET, ("true", "false")))
+                values = {**dict(zip(self._LIMITS, map(str, limits))), **quiet}
                 self._added = [n for n in values if n not in os.environ]
                 os.environ.update({n: values[n] for n in self._added})
             self._users += 1
@@ -84,10 +86,50 @@ SCRUB = SecretFilter()
 
 
 def watch_secrets(values: Iterable[str]) -> None:
-    """Mask ``values`` (live passwords, tokens) in every later log record of this package."""
+    """Mask ``values`` (live passwords, tokens) in every later log record of this package, and of MLflow's."""
     SCRUB.register(set(values))
     if SCRUB not in log.filters:
         log.addFilter(SCRUB)
+    scrub_mlflow_logs()
+
+
+def scrub_mlflow_logs() -> None:
+    """Put ``SCRUB`` on MLflow's own loggers and handlers: their records quote request URLs.
+
+    MLflow's system-metrics thread, for one, warns ``Failed to get mlflow run: API request
+    to http://user:<password>@host/...`` through MLflow's own stderr handler, which no
+    root-handler filter sees. A filter on a logger only sees the records created there,
+    so it goes on every ``mlflow.*`` logger that exists (call again after importing more
+    of MLflow) and on the ``mlflow`` logger's handlers, which every child record reaches.
+    """
+    manager = logging.Logger.manager
+    for name, logger in list(manager.loggerDict.items()):
+        if (name == "mlflow" or name.startswith("mlflow.")) and isinstance(logger, logging.Logger):
+            if SCRUB not in logger.filters:
+                logger.addFilter(SCRUB)
+    for handler in logging.getLogger("mlflow").handlers:
+        if SCRUB not in handler.filters:
+            handler.addFilter(SCRUB)
+
+
+@contextlib.contextmanager
+def process_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's fluent calls (``Model.log``, ``download_artifacts``) use the process's URI: set it, then unset.
+
+    ``mlflow.set_tracking_uri`` also exports ``MLFLOW_TRACKING_URI`` (password included, to
+    every later subprocess, and pce_dist reads that variable first); afterwards the
+    process's URI is unset again and the variable is what it was before.
+    """
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(None)
+        if before is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = before
 
 
 def chunks(items: list, size: int) -> Iterator[list]:

@@ -9,7 +9,8 @@ Where runs go: ``MLFLOW_TRACKING_URI`` (env) > ``tracking.tracking_uri`` (config
 
 What is recorded: params = the flattened resolved config (immutable in MLflow, so on
 resume only keys not yet logged are added); tags = things that may change across
-restarts (world size, EP size, hostnames, git commit, SLURM job id, restart count) and,
+restarts (world size, EP size, hostnames, the host of each node id, git commit, SLURM job id,
+restart count) and,
 for a warm start, where it began (``init_from``, ``init_from_run_id``, ``init_from_step``,
 ``init_optimizer``);
 artifact ``config.yaml`` = the resolved config of the latest start. Params, tags and the
@@ -24,6 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pce_dist import metrics as names
 from pce_dist.config import RunConfig, flatten, to_yaml
 from pce_dist.redact import redact
 from pce_dist.tracking.client import CALL_LIMITS, PROBE_LIMITS, bounded_http, chunks, is_remote_uri, log
@@ -60,7 +62,8 @@ def git_commit(cwd: str | Path | None = None) -> str:
 
 
 def open_run(cfg: RunConfig, env: DistEnv, run_dir: Path, uri: str, resume_run_id: str | None,
-             hostnames: list[str], init_source: dict | None = None) -> tuple[Any, str]:
+             hostnames: list[str], init_source: dict | None = None,
+             node_ranks: list[int] | None = None) -> tuple[Any, str]:
     """Create (or resume) the run and record params, tags and ``config.yaml``; returns (client, run id).
 
     Rank 0 only. Raises when the store does not answer or ``resume_run_id`` is not in it.
@@ -104,7 +107,7 @@ def open_run(cfg: RunConfig, env: DistEnv, run_dir: Path, uri: str, resume_run_i
         else:
             restart_count = 0
             run_id = client.create_run(experiment_id, run_name=redact(cfg.tracking.run_name) or None).info.run_id
-        tags = _run_tags(env, hostnames, restart_count)
+        tags = _run_tags(env, hostnames, restart_count, node_ranks)
         if init_source and not resume_run_id:
             tags.update(init_tags(init_source))
         for kind, items in (("params", [Param(k, v) for k, v in params.items()]),
@@ -142,7 +145,8 @@ def _param_value(value: Any) -> str:
     return redact(str(value))[:_PARAM_VALUE_MAX]
 
 
-def _run_tags(env: DistEnv, hostnames: list[str], restart_count: int) -> dict[str, str]:
+def _run_tags(env: DistEnv, hostnames: list[str], restart_count: int,
+              node_ranks: list[int] | None = None) -> dict[str, str]:
     unique_hosts = list(dict.fromkeys(hostnames))  # rank order, no repeats
     commit = git_commit()
     tags = {
@@ -154,6 +158,9 @@ def _run_tags(env: DistEnv, hostnames: list[str], restart_count: int) -> dict[st
         "git_commit": commit,
         "restart_count": str(restart_count),
     }
+    if node_ranks is not None:  # which host each system/node<k>/ series measures
+        node_hosts = dict(sorted(zip(node_ranks, hostnames)))
+        tags["nodes"] = ",".join(f"{names.system_node(n)}={h}" for n, h in node_hosts.items())[:_TAG_VALUE_MAX]
     if commit != "unknown":
         tags["mlflow.source.git.commit"] = commit  # shown by the MLflow UI
     if os.environ.get("SLURM_JOB_ID"):

@@ -33,6 +33,7 @@ from pce_dist.redact import redact, secret_values
 from pce_dist.tracking.client import SCRUB, log, watch_secrets
 from pce_dist.tracking.fallback import FALLBACK_FILE, FallbackFile
 from pce_dist.tracking.opening import open_run, resolve_tracking_uri
+from pce_dist.tracking.system import SystemSampler
 from pce_dist.tracking.writer import QUEUE_SIZE, Writer
 
 if TYPE_CHECKING:
@@ -50,15 +51,18 @@ class Tracker:
     """
 
     def __init__(self, run_id: str, *, is_main: bool, run_dir: str | Path, tracking_uri: str,
-                 writer: Writer | None = None) -> None:
+                 writer: Writer | None = None, sampler: SystemSampler | None = None,
+                 live_uri: str | None = None) -> None:
         self.run_id = run_id
         self.is_main = is_main
         self.run_dir = Path(run_dir)
         self.tracking_uri = tracking_uri
         self.fallback_path = self.run_dir / FALLBACK_FILE
         self._writer = writer
+        self._sampler = sampler  # this node's system metrics, on local rank 0 of every node
+        self._live_uri = live_uri  # rank 0: for the model upload; never shown
         self._finished = False
-        if writer is not None:
+        if writer is not None or sampler is not None:
             atexit.register(self._at_exit)
 
     @classmethod
@@ -77,12 +81,13 @@ class Tracker:
         uri = resolve_tracking_uri(cfg, run_dir)
         display = redact(uri)
         watch_secrets(secret_values(to_dict(cfg)) | secret_values(uri))
-        hostnames = env.all_gather_object(socket.gethostname())
+        placement = env.all_gather_object((socket.gethostname(), env.node_rank))
+        hostnames, node_ranks = [h for h, _ in placement], [n for _, n in placement]
         outcome: tuple[str, Any] | None = None
         client = None
         if env.is_main:
             try:
-                client, run_id = open_run(cfg, env, run_dir, uri, resume_run_id, hostnames,
+                client, run_id = open_run(cfg, env, run_dir, uri, resume_run_id, hostnames, node_ranks=node_ranks,
                                           init_source=init_source)
                 outcome = ("ok", run_id)
             except Exception as exc:  # noqa: BLE001 -- reported on every rank below
@@ -95,7 +100,9 @@ class Tracker:
         if env.is_main:
             writer = Writer(client, outcome[1], FallbackFile(run_dir / FALLBACK_FILE), display,
                             retry_interval_s=retry_interval_s, queue_size=queue_size)
-        return cls(outcome[1], is_main=env.is_main, run_dir=run_dir, tracking_uri=display, writer=writer)
+        sampler = SystemSampler.start(cfg.tracking, env, outcome[1], uri, resumed=resume_run_id is not None)
+        return cls(outcome[1], is_main=env.is_main, run_dir=run_dir, tracking_uri=display, writer=writer,
+                   sampler=sampler, live_uri=uri if env.is_main else None)
 
     @property
     def num_overflowed(self) -> int:
@@ -123,17 +130,52 @@ class Tracker:
         if self._open:
             self._writer.submit({"artifact": str(Path(path).resolve()), "artifact_path": artifact_path})
 
+    def log_model(self, exported: str | Path, *, step: int, register_as: str = "") -> str | None:
+        """Log an exported model file as the run's MLflow model (rank 0; ``model.log_exported_model``).
+
+        ``step``: the optimizer step of the model; MLflow links the run's metrics at that step
+        to it. Synchronous, on the calling thread, each request bounded. Never raises: a store that
+        is down or refuses is a warning naming the command that logs it later; returns the
+        model URI (``models:/<model id>``) or ``None``.
+        """
+        if not self._open:
+            return None
+        self._stop_sampler()  # it holds the writer's HTTP limits while it runs
+        hint = f"log it later with `python -m pce_dist.export --mlflow {self.run_dir}`"
+        if not self._writer.online:
+            log.warning("tracking: MLflow at %s is not answering; the model is not logged (%s)",
+                        self.tracking_uri, hint)
+            return None
+        from pce_dist.tracking.model import log_exported_model
+
+        try:
+            return log_exported_model(exported, self.run_id, self._live_uri, step=step, register_as=register_as)
+        except Exception as exc:  # noqa: BLE001 -- the trained model is on disk either way
+            log.warning("tracking: the model was not logged to MLflow at %s (%s: %s); %s", self.tracking_uri,
+                        type(exc).__name__, exc, hint)
+            return None
+
     def finish(self, status: str = "FINISHED", timeout_s: float = _FINISH_TIMEOUT_S) -> None:
-        """Send what can be sent, then close the run ("FINISHED", "FAILED" or "KILLED"); see module doc."""
+        """Send what can be sent, then close the run ("FINISHED", "FAILED" or "KILLED"); see module doc.
+
+        Every rank: the node's system-metrics sampler stops first (before the status changes).
+        """
+        self._stop_sampler()
         if not self._open:
             return
         self._finished = True
         atexit.unregister(self._at_exit)
         self._writer.close(status, timeout_s)
 
+    def _stop_sampler(self) -> None:
+        sampler, self._sampler = self._sampler, None
+        if sampler is not None:
+            sampler.stop()
+
     def _at_exit(self) -> None:
         """The interpreter exits without ``finish``: keep the queued records, leave the status alone."""
-        if not self._finished:
+        self._stop_sampler()
+        if not self._finished and self._writer is not None:
             self._finished = True
             self._writer.close(None, _EXIT_TIMEOUT_S)
 

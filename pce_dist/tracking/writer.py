@@ -66,6 +66,11 @@ class Writer:
         self._thread = threading.Thread(target=self._run, name="pce-tracking-writer", daemon=True)
         self._thread.start()
 
+    @property
+    def online(self) -> bool:
+        """The store answered the last call (records are not going to the file for an outage)."""
+        return self._online
+
     # -- training thread
 
     def submit(self, fields: dict) -> None:

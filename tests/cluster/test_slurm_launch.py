@@ -32,7 +32,7 @@ TRAIN_ARGS = [
     "--nodes", "4", "--gpus-per-node", "0", "--cpus-per-task", "1", "--time", "10", "--partition", "debug",
     "--config", "configs/digits.yaml", "model.num_experts=4", "dist.ep_size=4", f"train.max_steps={MAX_STEPS}",
     "train.log_every_steps=1", "checkpoint.every_steps=4", "checkpoint.keep_last=20", "data.num_workers=0",
-    "dist.timeout_s=120",
+    "dist.timeout_s=120", "tracking.system_metrics_interval_s=2",
 ]  # fmt: skip
 JOB_TIMEOUT_S = 150  # one 4-rank attempt takes ~30 s on 2 cores
 # while a preempted job goes around: running, exiting, held after the requeue, starting again
@@ -154,6 +154,9 @@ def test_four_node_job_trains_to_completion(slurm_cluster, reference_job):
     assert (tags["world_size"], tags["ep_size"], tags["launcher"]) == ("4", "4", "slurm")
     assert tags["slurm_job_id"] == job_id and tags["restart_count"] == "0"
     assert run.data.params["model.num_experts"] == "4"
+    # one system-metrics sampler per node (local rank 0 of each), each its own series
+    assert {k.split("/")[1] for k in run.data.metrics if k.startswith("system/")} == {f"node{n}" for n in range(4)}
+    assert re.fullmatch(r"node0=[^,]+,node1=[^,]+,node2=[^,]+,node3=[^,]+", tags["nodes"]), tags["nodes"]
     history = loss_history(out)
     assert [s for s, _, _ in history] == list(range(1, MAX_STEPS + 1))
     first_step_s = history[0][2] / 1000 - reference_job.submitted

@@ -3,7 +3,9 @@
 * a hung server (SIGSTOP): logging costs no step time, and every metric arrives later;
 * a process that ends while the server is down: ``python -m pce_dist.tracking replay``
   sends what it left, once;
-* a password in the tracking URI: it reaches no param, tag, artifact, file or log line.
+* a password in the tracking URI: it reaches no param, tag, artifact, file or log line --
+  the logged model (and the message of a failed upload) included; a model logged while
+  the store is down is a warning naming ``export --mlflow``, not a wait.
 
 The hung-server tests set ``MLFLOW_HTTP_REQUEST_TIMEOUT=1`` (a user setting, which the
 tracker keeps) so that the writer gives up on the stopped server in ~2 s, not ~10 s.
@@ -27,7 +29,8 @@ from mlflow_server import MlflowServer, file_records, history, wait_for  # noqa:
 
 from pce_dist.config import RunConfig, apply_overrides  # noqa: E402
 from pce_dist.distributed import DistEnv, free_port  # noqa: E402
-from pce_dist.tracking import FALLBACK_FILE, FallbackFile, Tracker  # noqa: E402
+from pce_dist.tracking import FALLBACK_FILE, FallbackFile, Tracker, log_exported_model  # noqa: E402
+from pce_dist.tracking.client import process_tracking_uri  # noqa: E402
 
 _ENV_VARS = ["RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "MLFLOW_TRACKING_URI",
              "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"]
@@ -57,6 +60,19 @@ def _isolated(monkeypatch, tmp_path):
 
 def _cfg(uri: str, experiment: str) -> RunConfig:
     return apply_overrides(RunConfig(), [f"tracking.tracking_uri={uri}", f"tracking.experiment={experiment}"])
+
+
+def _tiny_export(path: Path) -> Path:
+    import torch
+
+    from pce_dist.config import to_dict
+    from pce_dist.export import save_export
+    from pce_dist.model import build_model
+
+    cfg = apply_overrides(RunConfig(), ["model.image_size=8", "model.patch_sizes=[4,2]", "model.channels=[8,8]",
+                                        "model.stem_channels=8"])
+    torch.manual_seed(0)
+    return save_export(build_model(cfg.model), to_dict(cfg), path, [str(k) for k in range(10)])
 
 
 def _client(uri: str):
@@ -176,6 +192,7 @@ def test_password_in_the_tracking_uri_is_nowhere(server, tmp_path, monkeypatch, 
     secret_uri = server.url.replace("http://", "http://user:secret@")
     shown = server.url.replace("http://", "http://user:***@")
     run_dir = tmp_path / "run"
+    exported = _tiny_export(tmp_path / "model.safetensors")
     tracker = Tracker.start(_cfg(secret_uri, "redaction"), DistEnv().init(), run_dir, retry_interval_s=0.5)
     assert tracker.tracking_uri == shown
     tracker.log_metrics({"train/loss": 0.0}, step=0)
@@ -186,12 +203,26 @@ def test_password_in_the_tracking_uri_is_nowhere(server, tmp_path, monkeypatch, 
         for step in (1, 2, 3):
             tracker.log_metrics({"train/loss": float(step)}, step=step)
         wait_for(lambda: len(file_records(run_dir)) == 3, timeout_s=20, what="the outage")
+        assert tracker.log_model(exported, step=3) is None  # the store is down: a warning, not a wait
     finally:
         server.resume()
+    wait_for(lambda: history(server.url, tracker.run_id) == [(s, float(s)) for s in range(4)], timeout_s=20,
+             what="the records of the outage")
+    model_uri = tracker.log_model(exported, step=3)  # back: the model goes up, through the live URI
+    assert model_uri and model_uri.startswith("models:/")
     tracker.finish()
     assert history(server.url, tracker.run_id) == [(s, float(s)) for s in range(4)]
     with pytest.raises(RuntimeError) as failed:  # the message of a failed start, too
         Tracker.start(_cfg(f"http://user:secret@127.0.0.1:{free_port()}", "redaction"), DistEnv().init(), run_dir)
+    with pytest.raises(RuntimeError) as refused:  # ... and of a model upload to a store that is not there
+        log_exported_model(exported, tracker.run_id, f"http://user:secret@127.0.0.1:{free_port()}")
+    import mlflow
+
+    (tmp_path / "logged").mkdir()
+    with process_tracking_uri(server.url):  # MLflow looks models:/<id> up in the process's store
+        mlmodel = (Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(tmp_path / "logged")))
+                   / "MLmodel").read_text()
+    logged_model = _client(server.url).get_logged_model(model_uri.removeprefix("models:/"))
 
     run = _client(server.url).get_run(tracker.run_id)
     assert run.data.params["tracking.tracking_uri"] == shown
@@ -203,6 +234,9 @@ def test_password_in_the_tracking_uri_is_nowhere(server, tmp_path, monkeypatch, 
     places = {
         "params": repr(run.data.params), "tags": repr(run.data.tags), "config.yaml": config.read_text(),
         "fallback file": (run_dir / FALLBACK_FILE).read_text(), "start error": str(failed.value),
-        "log records": "\n".join(logged), "stdout/stderr": out + err,
+        "log records": "\n".join(logged), "stdout/stderr": out + err, "MLmodel": mlmodel,
+        "model params/tags": repr(logged_model.params) + repr(logged_model.tags), "model error": str(refused.value),
     }
+    assert "user:***@" in str(refused.value)
+    assert any(f"python -m pce_dist.export --mlflow {run_dir}" in m for m in logged)  # how to log it later
     assert not [name for name, text in places.items() if "secret" in text]

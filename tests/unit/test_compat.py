@@ -1,4 +1,4 @@
-"""``pce_dist.compat`` against the installed DeepSpeed, submitit and torch.
+"""``pce_dist.compat`` against the installed DeepSpeed, submitit, torch and MLflow.
 
 Every private thing compat uses is checked here, by what it does (not only that the name
 exists), so an upgrade that moves one fails in this file, named, instead of as a wrong
@@ -14,6 +14,7 @@ import inspect
 import os
 import stat
 import textwrap
+import time
 from importlib.metadata import version
 
 import psutil
@@ -23,7 +24,7 @@ from torch import nn
 
 from pce_dist import compat
 
-VERIFIED = {"deepspeed": "0.19", "submitit": "1.5", "torch": "2.13"}
+VERIFIED = {"deepspeed": "0.19", "mlflow": "3.17", "submitit": "1.5", "torch": "2.13"}
 
 
 def _installed(package: str) -> str:
@@ -208,3 +209,35 @@ def test_flat_fp32_group_attributes_exist_in_deepspeed():
     for attr in ("self.bf16_groups", "self.fp32_groups_flat_partition", "self.optimizer ="):
         assert attr in bf16, attr
     assert compat.flat_fp32_groups(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)) is None
+
+
+# ----------------------------------------------------------------------------- MLflow system metrics
+
+
+def test_system_monitor_thread_runs_inside_around_loop_and_stops_when_told(tmp_path, monkeypatch):
+    import contextlib
+    import threading
+
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("compat", artifact_location=str(tmp_path / "a"))).info.run_id
+    inside: list[str] = []
+
+    @contextlib.contextmanager
+    def around_loop():
+        inside.append(threading.current_thread().name)  # the monitor's own thread enters it
+        yield
+
+    monitor = compat.system_metrics_monitor(run_id, around_loop=around_loop, sampling_interval=0.1,
+                                            node_id="nodeX", tracking_uri=uri)
+    monitor.start()
+    deadline = time.monotonic() + 10
+    while not any(k.startswith("system/nodeX/") for k in client.get_run(run_id).data.metrics):
+        assert time.monotonic() < deadline, "the monitor logged nothing"
+        time.sleep(0.1)
+    assert inside == ["SystemMetricsMonitor"]
+    assert compat.stop_system_metrics_monitor(monitor, timeout_s=5.0) is True
+    assert not monitor._process.is_alive()

@@ -37,6 +37,7 @@ def test_yaml_then_cli_overrides(tmp_path):
     (["data.mean=[0.5,0.5]"], "data.mean"),
     (["model.temperature=0"], "model.temperature"),
     (["train.epochs=0"], "train.epochs"),
+    (["tracking.system_metrics_interval_s=0"], "tracking.system_metrics_interval_s"),
     (["bogus.key=1"], "bogus"),
     (["model=3"], "model"),
 ])

@@ -14,7 +14,8 @@ from pce_dist.distributed import DistEnv, expand_nodelist, slurm_first_host, slu
 
 _LAUNCH_VARS = ["RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID",
                 "SLURM_LOCALID", "SLURM_NTASKS", "SLURM_NPROCS", "SLURM_STEP_NUM_TASKS", "SLURM_JOB_ID",
-                "SLURM_JOB_NODELIST", "SLURM_STEP_NODELIST", "SLURM_NODELIST"]
+                "SLURM_JOB_NODELIST", "SLURM_STEP_NODELIST", "SLURM_NODELIST", "SLURM_NODEID", "GROUP_RANK",
+                "NODE_RANK"]
 
 
 pytestmark = pytest.mark.usefixtures("restore_environ")  # DistEnv.init() exports launch variables
@@ -33,7 +34,7 @@ def clean_env(monkeypatch, tmp_path):
 
 def test_single_process_when_no_launcher_variables(clean_env):
     env = DistEnv.from_environ(DistConfig(ep_size=1))
-    assert (env.rank, env.local_rank, env.world_size, env.source) == (0, 0, 1, "single")
+    assert (env.rank, env.local_rank, env.world_size, env.source, env.node_rank) == (0, 0, 1, "single", 0)
     env.init()
     try:
         assert env.dp_group is env.ep_group is env.edp_group is None
@@ -60,6 +61,11 @@ def test_torchrun_variables(clean_env):
     assert (env.ep_size, env.ep_rank) == (4, 1)
     assert env.timeout.total_seconds() == 12.0
     assert env.local_expert_ids(8) == [2, 3]
+    assert env.node_rank == 0  # no node variable: one node
+    clean_env.setenv("NODE_RANK", "3")
+    assert DistEnv.from_environ(DistConfig()).node_rank == 3
+    clean_env.setenv("GROUP_RANK", "2")  # torchrun's own name wins
+    assert DistEnv.from_environ(DistConfig()).node_rank == 2
 
 
 def test_slurm_variables_without_scontrol(clean_env):
@@ -70,6 +76,9 @@ def test_slurm_variables_without_scontrol(clean_env):
     clean_env.setenv("SLURM_JOB_ID", "1234567")
     env = DistEnv.from_environ(DistConfig(ep_size=2))
     assert (env.rank, env.local_rank, env.world_size, env.source) == (3, 1, 4, "slurm")
+    assert env.node_rank == 0
+    clean_env.setenv("SLURM_NODEID", "1")  # the node within the job: system metrics are named by it
+    assert DistEnv.from_environ(DistConfig(ep_size=2)).node_rank == 1
     assert env.master_addr == "node1"
     assert env.master_port == slurm_master_port("1234567") == 20000 + 1234567 % 10000
     # the step's own task count wins over the job's; explicit MASTER_* win over derived ones
