@@ -141,22 +141,25 @@ def base_optimizer(optimizer: Any) -> Any:
 # ----------------------------------------------------------------------------- MLflow system metrics
 
 
-def system_metrics_monitor(run_id: str, *, around_loop: Callable[[], Any], **kwargs: Any) -> Any:
-    """MLflow's ``SystemMetricsMonitor`` whose sampling thread runs inside ``around_loop()``.
+def system_metrics_monitor(run_id: str, *, restart_after_s: float, **kwargs: Any) -> Any:
+    """MLflow's ``SystemMetricsMonitor`` whose sampling thread starts again after a failed request.
 
-    Private: that ``start()`` runs the thread on the ``monitor`` method (MLflow documents
-    the class, not its thread's target). ``around_loop`` puts the thread's every request
-    under pce_dist's HTTP limits: MLflow reads them from the environment per call, and its
-    default retries take minutes against a hung server. ``kwargs`` go to the constructor.
+    Private: that ``start()`` runs the thread on the ``monitor`` method, and that the
+    monitor's ``_shutdown_event`` is what ``finish()`` sets. MLflow's loop returns for good
+    on the first request that fails (one ``get_run`` during a short outage would end a
+    node's system metrics for the rest of a multi-day run); here it is entered again after
+    ``restart_after_s`` until the monitor is stopped, its step counter carried on.
+    ``kwargs`` go to the constructor.
     """
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-    class BoundedMonitor(SystemMetricsMonitor):
+    class ResilientMonitor(SystemMetricsMonitor):
         def monitor(self) -> None:
-            with around_loop():
-                super().monitor()
+            while not self._shutdown_event.is_set():
+                super().monitor()  # returns on a failed request, a finished run, or shutdown
+                self._shutdown_event.wait(restart_after_s)
 
-    return BoundedMonitor(run_id, **kwargs)
+    return ResilientMonitor(run_id, **kwargs)
 
 
 def stop_system_metrics_monitor(monitor: Any, timeout_s: float) -> bool:
@@ -172,3 +175,11 @@ def stop_system_metrics_monitor(monitor: Any, timeout_s: float) -> bool:
         return True
     thread.join(timeout_s)
     return not thread.is_alive()
+
+
+def flush_system_metrics(monitor: Any) -> None:
+    """Send the samples the stopped monitor still holds (what ``finish()`` does after its join).
+
+    Private: the ``mlflow_logger`` attribute (MLflow's batching ``BatchMetricsLogger``).
+    """
+    monitor.mlflow_logger.flush()

@@ -157,9 +157,12 @@ class TrackingConfig:
     experiment: str = "pce_dist"  # MLflow experiment: the unit `python -m pce_dist.compare` ranks runs in
     run_name: str = ""  # "" = MLflow picks a name; the run id, not the name, is what resume uses
     # MLflow's own system metrics (CPU, memory, disk, network; GPU with nvidia-ml-py), sampled by one
-    # process per node (local rank 0) as system/node<k>/...: a slow node or a leak on one host shows.
+    # process per node (its lowest rank) as system/node<k>/...: a slow node or a leak on one host shows.
     system_metrics: bool = True
     system_metrics_interval_s: float = 10.0  # seconds between samples (each sample is one request per node)
+    # Which nodes sample: "auto" = every node with a tracking server, node 0 only with a file store
+    # (several hosts writing one SQLite file on a shared filesystem is unsafe); "all"; "main" = node 0.
+    system_metrics_nodes: Literal["auto", "all", "main"] = "auto"
     # At the end of a finished run rank 0 exports the model and logs it in MLflow's PyTorch flavour
     # (artifact "model": signature, input example, the safetensors export beside it).
     log_model: bool = True

@@ -63,12 +63,18 @@ def _manifest_class_names(config: dict) -> list[str] | None:
     from .data import read_manifest
 
     root = config.get("data", {}).get("root", "")
+    num_classes = config.get("model", {}).get("num_classes")
     try:
-        return list(read_manifest(root).class_names)
+        names = list(read_manifest(root).class_names)
     except (OSError, ValueError) as exc:
         print(f"note: class names unknown ({root}/manifest.json: {exc}); predict will show class indices",
               file=sys.stderr)
         return None
+    if len(names) != num_classes:  # data.root now holds another dataset (a relative path, another cwd)
+        print(f"note: class names unknown ({root}/manifest.json lists {len(names)} classes, the model has "
+              f"{num_classes}); predict will show class indices", file=sys.stderr)
+        return None
+    return names
 
 
 def _check_suffix(path: Path) -> None:
@@ -187,8 +193,20 @@ def log_run_model(run_dir: str | Path) -> str:
     from .config import load_config
 
     cfg = load_config(str(run_dir / "config.yaml"), [])
-    return log_exported_model(out, run_id, resolve_tracking_uri(cfg, run_dir), step=int(meta["global_step"]),
+    return log_exported_model(out, run_id, resolve_tracking_uri(cfg, run_dir), step=int(meta.get("global_step", 0)),
                               register_as=cfg.tracking.register_as)
+
+
+def read_model(spec: str, tracking_uri: str | None = None) -> Exported:
+    """An exported file, or an MLflow model URI / directory (its safetensors copy): never unpickled code."""
+    import tempfile
+
+    from .tracking.model import download_export, is_model_uri
+
+    if not is_model_uri(spec):
+        return read_export(spec)
+    with tempfile.TemporaryDirectory(prefix="pce_model_") as tmp:  # the tensors are in memory after the read
+        return read_export(download_export(spec, tracking_uri, tmp))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,10 +237,3 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
-
-def read_model(spec: str, tracking_uri: str | None = None) -> Exported:
-    """An exported file, or an MLflow model URI / directory (its safetensors copy): never unpickled code."""
-    from .tracking.model import download_export, is_model_uri
-
-    path = download_export(spec, tracking_uri) if is_model_uri(spec) else Path(spec)
-    return read_export(path)

@@ -252,12 +252,18 @@ def log_model(tracker, checkpoint: Path, run_dir: Path, class_names: list[str], 
               step: int) -> str | None:
     """Rank 0, a finished run: ``RUN_DIR/model.safetensors`` from the final checkpoint, logged to MLflow.
 
-    The export is the trained model whatever MLflow does; a failed upload is a warning
-    (``Tracker.log_model``) naming the command that logs it later.
+    The export is the trained model whatever MLflow does; a failed export or upload is a
+    warning (``Tracker.log_model``) naming the command that does it later: training has
+    finished, and its final checkpoint is written.
     """
     from .export import RUN_EXPORT, export
 
-    exported = export(checkpoint, run_dir / RUN_EXPORT, class_names=class_names)
+    try:
+        exported = export(checkpoint, run_dir / RUN_EXPORT, class_names=class_names)
+    except (OSError, ValueError) as exc:  # a full disk: the run itself has finished and its checkpoint is there
+        log.warning("the final model was not exported (%s: %s); export it later with `python -m pce_dist.export "
+                    "--mlflow %s`", type(exc).__name__, exc, run_dir)
+        return None
     return tracker.log_model(exported, step=step, register_as=register_as)
 
 

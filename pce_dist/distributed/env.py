@@ -65,7 +65,7 @@ class DistEnv:
         rank, local_rank, world_size: this process in the job, on its node, and the total.
         node_rank: which node this process runs on (SLURM_NODEID; torchrun's GROUP_RANK or
             NODE_RANK; 0 for a single node). Per-node work -- one system-metrics sampler --
-            runs where ``local_rank == 0``.
+            runs on the node's lowest rank (``tracking.system``).
         ep_size: expert-parallel degree; ep_rank: position inside the EP group.
         dp_group, ep_group, edp_group: ``ProcessGroup`` objects after ``init()``; ``None``
             when ``world_size == 1`` (every group would be just this process).

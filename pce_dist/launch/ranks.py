@@ -126,8 +126,9 @@ class RankGroup:
     def _env(self, rank: int, port: int) -> dict[str, str]:
         env = dict(os.environ)
         env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(self.nproc),
-                   LOCAL_WORLD_SIZE=str(self.nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   PYTHONUNBUFFERED="1")  # rank output reaches the logs as it happens
+                   LOCAL_WORLD_SIZE=str(self.nproc), GROUP_RANK="0", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), PYTHONUNBUFFERED="1")  # rank output reaches the logs as it happens
+        env.pop("NODE_RANK", None)  # one node: a value left in the user's shell names no node here
         env.setdefault("OMP_NUM_THREADS", "1")  # as torchrun: N ranks must not each take every core
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
         return env

@@ -10,7 +10,7 @@
 * ``delivery`` -- sending records in logging order, refusals, statuses: shared by the
   writer and ``replay``, so the file's invariants have one home each;
 * ``replay``   -- ``python -m pce_dist.tracking replay RUN_DIR``;
-* ``system``   -- per-node system metrics (MLflow's sampler on local rank 0 of each node);
+* ``system``   -- per-node system metrics (MLflow's sampler on the lowest rank of each node);
 * ``model``    -- the trained model as an MLflow PyTorch model;
 * ``client``   -- bounded HTTP, the scrubbed logger: the edge to MLflow, also used by
   ``pce_dist.runs``.

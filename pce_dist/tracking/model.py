@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -92,16 +94,19 @@ def log_exported_model(export_file: str | Path, run_id: str, tracking_uri: str, 
     try:
         # Model.log resolves the store from the process's URI
         with process_tracking_uri(tracking_uri), bounded_http(CALL_LIMITS):
-            # ... and the experiment too: the logged model must sit in the run's experiment, where
-            # ``runs:/<run id>/model`` looks for it (MLflow would use experiment 0).
-            mlflow.set_experiment(experiment_id=mlflow.MlflowClient().get_run(run_id).info.experiment_id)
+            # The logged model must sit in the run's experiment, where ``runs:/<run id>/model``
+            # looks for it; log_model alone would create it in the process's active experiment
+            # (experiment 0), so it is created here, with the run's params as MLflow would copy them.
+            run = mlflow.MlflowClient().get_run(run_id)
+            logged = mlflow.initialize_logged_model(name=ARTIFACT, source_run_id=run_id,
+                                                    experiment_id=run.info.experiment_id, params=run.data.params)
             info = mlflow.pytorch.log_model(
                 PCEClassifier(exported.model), name=ARTIFACT, run_id=run_id, signature=signature,
                 input_example=example_BCHW, code_paths=[str(Path(pce_dist.__file__).parent)],
                 extra_files=[str(export_file)], pip_requirements=_requirements(),
                 metadata={"pce_dist": model_metadata(exported.config, exported.class_names, export_file.name)},
                 registered_model_name=register_as or None, await_registration_for=_REGISTRATION_WAIT_S,
-                step=step, serialization_format="pickle")
+                step=step, model_id=logged.model_id, serialization_format="pickle")
     except Exception as exc:  # noqa: BLE001 -- MLflow raises many types; the caller gets one
         first_line = (str(exc).splitlines() or [""])[0][:300]
         raise RuntimeError(SCRUB.scrub(f"logging the model to {redact(tracking_uri)} failed: "
@@ -111,29 +116,38 @@ def log_exported_model(export_file: str | Path, run_id: str, tracking_uri: str, 
     return info.model_uri
 
 
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")  # runs:/, models:/, s3://, mlflow-artifacts:/, ...
+
+
 def is_model_uri(spec: str) -> bool:
-    """``runs:/...``, ``models:/...`` or another MLflow artifact URI, or a local MLflow model dir."""
-    return spec.startswith(("runs:/", "models:/", "mlflow-artifacts:/")) or (Path(spec) / "MLmodel").is_file()
+    """An MLflow model URI (``runs:/``, ``models:/``, ``s3://``, ...) or a local MLflow model directory."""
+    return bool(_URI.match(spec)) or (Path(spec) / "MLmodel").is_file()
 
 
-def download_export(model_uri: str, tracking_uri: str | None = None) -> Path:
-    """The ``pce_dist.export`` file inside an MLflow model (downloaded if remote); nothing is unpickled.
+def download_export(model_uri: str, tracking_uri: str | None, dst: str | Path) -> Path:
+    """The ``pce_dist.export`` file inside an MLflow model; nothing is unpickled.
 
-    ``tracking_uri``: the store a ``runs:/`` or ``models:/`` URI refers to (default: MLflow's,
-    i.e. ``MLFLOW_TRACKING_URI``). Raises ``ValueError`` naming the URI when it is not a
-    pce_dist model, ``RuntimeError`` when the store cannot give it.
+    A local model directory is read in place; anything else is downloaded into ``dst``
+    (the caller's temporary directory). ``tracking_uri``: the store a ``runs:/`` or
+    ``models:/`` URI refers to (else ``MLFLOW_TRACKING_URI``; one of them is required, or
+    MLflow would quietly open ``./mlflow.db``). Raises ``ValueError`` naming the URI when it
+    is not a pce_dist model, ``RuntimeError`` when the store cannot give it.
     """
     import mlflow
     from mlflow.models import Model
 
     local = Path(model_uri)
     if not (local / "MLmodel").is_file():
+        if model_uri.startswith(("runs:/", "models:/")) and not (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
+            raise ValueError(f"{model_uri}: say which tracking store it is in (--tracking-uri URI or "
+                             "MLFLOW_TRACKING_URI)")
+        scrub_mlflow_logs()  # MLflow's download warnings quote request URLs
         try:
             # the process's URI: MLflow 3.17 looks a ``models:/<model id>`` up in it whatever
             # ``tracking_uri=`` says
             uri_scope = process_tracking_uri(tracking_uri) if tracking_uri else contextlib.nullcontext()
             with uri_scope, bounded_http(CALL_LIMITS):
-                local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
+                local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
         except Exception as exc:  # noqa: BLE001
             first_line = (str(exc).splitlines() or [""])[0][:300]
             raise RuntimeError(SCRUB.scrub(f"{model_uri}: cannot download the model: {type(exc).__name__}: "

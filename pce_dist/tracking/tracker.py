@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import atexit
 import socket
+import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,7 +35,7 @@ from pce_dist.redact import redact, secret_values
 from pce_dist.tracking.client import SCRUB, log, watch_secrets
 from pce_dist.tracking.fallback import FALLBACK_FILE, FallbackFile
 from pce_dist.tracking.opening import open_run, resolve_tracking_uri
-from pce_dist.tracking.system import SystemSampler
+from pce_dist.tracking.system import Placement, SystemSampler, announce
 from pce_dist.tracking.writer import QUEUE_SIZE, Writer
 
 if TYPE_CHECKING:
@@ -41,6 +43,7 @@ if TYPE_CHECKING:
 
 _FINISH_TIMEOUT_S = 30.0  # > the call in flight (~10 s) + the last probe (2 s); slow uploads get the rest
 _EXIT_TIMEOUT_S = 5.0  # interpreter exit without finish(): drain briefly, then to the file
+_MODEL_TIMEOUT_S = 120.0  # the whole model upload at the end of a run (a few MB and ~2 requests per metric)
 
 
 class Tracker:
@@ -59,7 +62,7 @@ class Tracker:
         self.tracking_uri = tracking_uri
         self.fallback_path = self.run_dir / FALLBACK_FILE
         self._writer = writer
-        self._sampler = sampler  # this node's system metrics, on local rank 0 of every node
+        self._sampler = sampler  # this node's system metrics, on the lowest rank of every node
         self._live_uri = live_uri  # rank 0: for the model upload; never shown
         self._finished = False
         if writer is not None or sampler is not None:
@@ -81,8 +84,9 @@ class Tracker:
         uri = resolve_tracking_uri(cfg, run_dir)
         display = redact(uri)
         watch_secrets(secret_values(to_dict(cfg)) | secret_values(uri))
-        placement = env.all_gather_object((socket.gethostname(), env.node_rank))
-        hostnames, node_ranks = [h for h, _ in placement], [n for _, n in placement]
+        gathered = env.all_gather_object((socket.gethostname(), env.node_rank))
+        placement = Placement.from_ranks(gathered)
+        hostnames, node_ranks = [h for h, _ in gathered], placement.node_ranks
         outcome: tuple[str, Any] | None = None
         client = None
         if env.is_main:
@@ -100,7 +104,10 @@ class Tracker:
         if env.is_main:
             writer = Writer(client, outcome[1], FallbackFile(run_dir / FALLBACK_FILE), display,
                             retry_interval_s=retry_interval_s, queue_size=queue_size)
-        sampler = SystemSampler.start(cfg.tracking, env, outcome[1], uri, resumed=resume_run_id is not None)
+        if env.is_main:
+            announce(cfg.tracking, placement, uri, display)
+        sampler = SystemSampler.start(cfg.tracking, placement, env.rank, outcome[1], uri,
+                                      resumed=resume_run_id is not None)
         return cls(outcome[1], is_main=env.is_main, run_dir=run_dir, tracking_uri=display, writer=writer,
                    sampler=sampler, live_uri=uri if env.is_main else None)
 
@@ -130,30 +137,50 @@ class Tracker:
         if self._open:
             self._writer.submit({"artifact": str(Path(path).resolve()), "artifact_path": artifact_path})
 
-    def log_model(self, exported: str | Path, *, step: int, register_as: str = "") -> str | None:
+    def log_model(self, exported: str | Path, *, step: int, register_as: str = "",
+                  timeout_s: float = _MODEL_TIMEOUT_S) -> str | None:
         """Log an exported model file as the run's MLflow model (rank 0; ``model.log_exported_model``).
 
         ``step``: the optimizer step of the model; MLflow links the run's metrics at that step
-        to it. Synchronous, on the calling thread, each request bounded. Never raises: a store that
-        is down or refuses is a warning naming the command that logs it later; returns the
-        model URI (``models:/<model id>``) or ``None``.
+        to it, so the records queued so far are sent first (at most ``timeout_s`` of it).
+        The upload runs on a thread of its own and is waited for ``timeout_s`` in all: the
+        number of requests grows with the run's metric names, and object stores (S3, GCS)
+        ignore MLflow's HTTP limits. Never raises: a store that is down or slow is a warning
+        naming the command that logs the model later; returns ``models:/<model id>`` or ``None``.
         """
         if not self._open:
             return None
-        self._stop_sampler()  # it holds the writer's HTTP limits while it runs
+        self._stop_sampler()
         hint = f"log it later with `python -m pce_dist.export --mlflow {self.run_dir}`"
-        if not self._writer.online:
-            log.warning("tracking: MLflow at %s is not answering; the model is not logged (%s)",
+        deadline = time.monotonic() + timeout_s
+        if not self._writer.drain(timeout_s) or not self._writer.online:
+            log.warning("tracking: MLflow at %s is not taking records; the model is not logged (%s)",
                         self.tracking_uri, hint)
             return None
         from pce_dist.tracking.model import log_exported_model
 
-        try:
-            return log_exported_model(exported, self.run_id, self._live_uri, step=step, register_as=register_as)
-        except Exception as exc:  # noqa: BLE001 -- the trained model is on disk either way
+        outcome: dict[str, Any] = {}
+
+        def upload() -> None:
+            try:
+                outcome["uri"] = log_exported_model(exported, self.run_id, self._live_uri, step=step,
+                                                    register_as=register_as)
+            except Exception as exc:  # noqa: BLE001 -- reported below
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=upload, name="pce-model-upload", daemon=True)
+        thread.start()
+        thread.join(max(0.0, deadline - time.monotonic()))
+        if thread.is_alive():
+            log.warning("tracking: logging the model to MLflow at %s did not finish within %.0f s; %s",
+                        self.tracking_uri, timeout_s, hint)
+            return None
+        if "error" in outcome:
+            exc = outcome["error"]
             log.warning("tracking: the model was not logged to MLflow at %s (%s: %s); %s", self.tracking_uri,
                         type(exc).__name__, exc, hint)
             return None
+        return outcome["uri"]
 
     def finish(self, status: str = "FINISHED", timeout_s: float = _FINISH_TIMEOUT_S) -> None:
         """Send what can be sent, then close the run ("FINISHED", "FAILED" or "KILLED"); see module doc.

@@ -63,8 +63,19 @@ class Writer:
         self._retry_at = 0.0
         self._in_flight: list[dict] = []
         self._abandoned = False
+        self._queued = 0  # records put on the queue (training thread) ...
+        self._handled = 0  # ... and taken off it and sent or spilled (writer thread): ``drain``
         self._thread = threading.Thread(target=self._run, name="pce-tracking-writer", daemon=True)
         self._thread.start()
+
+    def drain(self, timeout_s: float) -> bool:
+        """Wait until every record submitted so far was sent or spilled; False after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while self._handled < self._queued:
+            if time.monotonic() >= deadline or not self._thread.is_alive():
+                return False
+            time.sleep(0.02)
+        return True
 
     @property
     def online(self) -> bool:
@@ -79,6 +90,7 @@ class Writer:
                  **fields}
         try:
             self._queue.put_nowait(entry)
+            self._queued += 1
         except queue.Full:
             self.num_overflowed += 1
             if self.num_overflowed == 1:
@@ -143,6 +155,7 @@ class Writer:
         return [i for i in items if i is not None]
 
     def _handle(self, entries: list[dict]) -> None:
+        handled = len(entries)
         with self._lock:
             self._in_flight = entries
         if self._online and not self._in_file:
@@ -155,6 +168,7 @@ class Writer:
             self._in_flight = []
             if not self._abandoned:  # else close() has written them to the file meanwhile
                 self._append_locked(entries)
+        self._handled += handled
 
     def _spill(self, entries: list[dict]) -> None:
         with self._lock:

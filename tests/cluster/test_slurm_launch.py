@@ -33,6 +33,7 @@ TRAIN_ARGS = [
     "--config", "configs/digits.yaml", "model.num_experts=4", "dist.ep_size=4", f"train.max_steps={MAX_STEPS}",
     "train.log_every_steps=1", "checkpoint.every_steps=4", "checkpoint.keep_last=20", "data.num_workers=0",
     "dist.timeout_s=120", "tracking.system_metrics_interval_s=2",
+    "tracking.system_metrics_nodes=all",  # the cluster's nodes share one local disk: one SQLite file is safe
 ]  # fmt: skip
 JOB_TIMEOUT_S = 150  # one 4-rank attempt takes ~30 s on 2 cores
 # while a preempted job goes around: running, exiting, held after the requeue, starting again

@@ -204,19 +204,21 @@ def test_logged_model_loads_with_stock_mlflow_and_scores_as_the_export(tutorial)
     assert evaluated.returncode == 0, evaluated.stderr
     expected = json.loads(evaluated.stdout)["eval/accuracy"]
     script = """
-import json, sys, mlflow, mlflow.pytorch, torch
+import inspect, json, sys, mlflow, mlflow.pytorch, torch
+mlflow.set_tracking_uri("sqlite:///runs/local/mlflow.db")
+assert "pce_dist" not in sys.modules
+model = mlflow.pytorch.load_model("models:/my_classifier/1").eval()
+code_file = inspect.getfile(type(model))  # the model's own copy of pce_dist (code_paths), not the checkout's
+info = mlflow.models.get_model_info("models:/my_classifier/1")
 from pce_dist.config import load_config
 from pce_dist.data import build_eval_loader
-mlflow.set_tracking_uri("sqlite:///runs/local/mlflow.db")
-model = mlflow.pytorch.load_model("models:/my_classifier/1").eval()
-info = mlflow.models.get_model_info("models:/my_classifier/1")
 cfg = load_config("runs/local/config.yaml", [])
 correct = total = 0
 with torch.no_grad():
     for x_BCHW, y_B, valid_B in build_eval_loader(cfg.data, "test", rank=0, world_size=1):
         pred_B = model(x_BCHW).argmax(1)
         correct += int(((pred_B == y_B) & valid_B).sum()); total += int(valid_B.sum())
-print(json.dumps({"accuracy": correct / total, "total": total, "module": type(model).__name__,
+print(json.dumps({"accuracy": correct / total, "total": total, "module": type(model).__name__, "code": code_file,
                   "signature": str(info.signature.inputs), "meta": info.metadata["pce_dist"]}))
 """
     proc = subprocess.run([sys.executable, "-c", script], cwd=work, capture_output=True, text=True, timeout=180,
@@ -226,6 +228,7 @@ print(json.dumps({"accuracy": correct / total, "total": total, "module": type(mo
     assert got["total"] == PER_CLASS["test"] * len(CLASSES)
     assert got["accuracy"] == expected, (got, expected)
     assert got["module"] == "PCEClassifier" and "-1, 3, 32, 32" in got["signature"]
+    assert "/code/pce_dist/model/net.py" in got["code"] and str(REPO) not in got["code"], got["code"]
     assert got["meta"]["class_names"] == sorted(CLASSES) and got["meta"]["mean"] == [0.5, 0.5, 0.5]
 
 

@@ -30,11 +30,14 @@ from pathlib import Path
 import pytest
 from e2e_runs import launch, metric_histories, run_to_end
 
+from pce_dist import metrics as names
+
 OVERRIDES = ["dist.ep_size=2", "train.max_steps=40", "checkpoint.every_steps=5", "train.log_every_steps=10",
              "checkpoint.keep_last=10", "dist.heartbeat_s=0.1"]
 SEEDS = (0, 1)
 # timings and the machine's own numbers (MLflow's system metrics) are no training values
-NOT_COMPARED = ("perf/", "system/", "keyinit/seconds_total", "data/start_step", "data/samples_resumed_over")
+NOT_COMPARED = ("perf/", names.SYSTEM_PREFIX, "keyinit/seconds_total", "data/start_step",
+                "data/samples_resumed_over")
 
 
 def _compared(histories: dict) -> dict:

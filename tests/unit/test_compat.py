@@ -214,30 +214,36 @@ def test_flat_fp32_group_attributes_exist_in_deepspeed():
 # ----------------------------------------------------------------------------- MLflow system metrics
 
 
-def test_system_monitor_thread_runs_inside_around_loop_and_stops_when_told(tmp_path, monkeypatch):
-    import contextlib
-    import threading
-
+def test_system_monitor_restarts_after_a_failed_request_and_stops_when_told(tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("compat", artifact_location=str(tmp_path / "a"))).info.run_id
-    inside: list[str] = []
+    monitor = compat.system_metrics_monitor(run_id, restart_after_s=0.2, sampling_interval=0.1, node_id="nodeX",
+                                            tracking_uri=uri)
+    assert monitor._process is None and not monitor._shutdown_event.is_set()  # what stop/flush rely on
 
-    @contextlib.contextmanager
-    def around_loop():
-        inside.append(threading.current_thread().name)  # the monitor's own thread enters it
-        yield
+    def samples() -> int:
+        return len(client.get_metric_history(run_id, "system/nodeX/cpu_utilization_percentage"))
 
-    monitor = compat.system_metrics_monitor(run_id, around_loop=around_loop, sampling_interval=0.1,
-                                            node_id="nodeX", tracking_uri=uri)
     monitor.start()
+    assert monitor._process.name == "SystemMetricsMonitor"
     deadline = time.monotonic() + 10
-    while not any(k.startswith("system/nodeX/") for k in client.get_run(run_id).data.metrics):
+    while samples() == 0:
         assert time.monotonic() < deadline, "the monitor logged nothing"
         time.sleep(0.1)
-    assert inside == ["SystemMetricsMonitor"]
+    # MLflow's loop returns for good when the run is not RUNNING; the resilient one waits and
+    # comes back: end the run, let the loop fall out, reopen it, and samples arrive again
+    client.set_terminated(run_id)
+    time.sleep(0.5)
+    compat.flush_system_metrics(monitor)
+    before = samples()
+    client.update_run(run_id, status="RUNNING")
+    deadline = time.monotonic() + 10
+    while samples() <= before:
+        assert time.monotonic() < deadline, "the monitor did not come back after its loop ended"
+        time.sleep(0.1)
     assert compat.stop_system_metrics_monitor(monitor, timeout_s=5.0) is True
     assert not monitor._process.is_alive()

@@ -14,8 +14,7 @@ import time
 import pytest
 
 from pce_dist.config import TrackingConfig
-from pce_dist.distributed import DistEnv
-from pce_dist.tracking.system import SystemSampler
+from pce_dist.tracking.system import Placement, SystemSampler, samples_node
 
 
 @pytest.fixture
@@ -31,14 +30,16 @@ def store(tmp_path, monkeypatch):
     return uri, client, client.create_run(experiment).info.run_id
 
 
-def _env(rank: int, local_rank: int, node_rank: int) -> DistEnv:
-    return DistEnv(rank=rank, local_rank=local_rank, world_size=4, node_rank=node_rank)
+# 4 ranks on 2 hosts, 2 per host, as a launcher reports them: (hostname, node rank)
+TWO_NODES = Placement.from_ranks([("a", 0), ("a", 0), ("b", 1), ("b", 1)])
+ONE_NODE = Placement.from_ranks([("a", 0)])
 
 
 def test_local_rank_zero_samples_its_node_into_the_run(store):
     uri, client, run_id = store
     cfg = TrackingConfig(system_metrics_interval_s=0.2)
-    sampler = SystemSampler.start(cfg, _env(rank=2, local_rank=0, node_rank=1), run_id, uri, resumed=False)
+    cfg.system_metrics_nodes = "all"  # a local file store: node 1 samples only when told to
+    sampler = SystemSampler.start(cfg, TWO_NODES, 2, run_id, uri, resumed=False)
     assert sampler is not None and sampler.node_id == "node1"
     time.sleep(1.5)
     sampler.stop()
@@ -55,7 +56,7 @@ def test_resumed_sampler_continues_the_steps(store):
     uri, client, run_id = store
     cfg = TrackingConfig(system_metrics_interval_s=0.2)
     for resumed in (False, True):
-        sampler = SystemSampler.start(cfg, _env(0, 0, 0), run_id, uri, resumed=resumed)
+        sampler = SystemSampler.start(cfg, ONE_NODE, 0, run_id, uri, resumed=resumed)
         time.sleep(0.9)
         sampler.stop()
     steps = [m.step for m in client.get_metric_history(run_id, "system/node0/cpu_utilization_percentage")]
@@ -64,10 +65,31 @@ def test_resumed_sampler_continues_the_steps(store):
 
 def test_only_one_sampler_per_node_and_none_when_off(store):
     uri, _, run_id = store
-    cfg = TrackingConfig(system_metrics_interval_s=0.2)
-    assert SystemSampler.start(cfg, _env(rank=3, local_rank=1, node_rank=1), run_id, uri, resumed=False) is None
+    cfg = TrackingConfig(system_metrics_interval_s=0.2, system_metrics_nodes="all")
+    assert [TWO_NODES.is_sampler(r) for r in range(4)] == [True, False, True, False]
+    assert SystemSampler.start(cfg, TWO_NODES, 3, run_id, uri, resumed=False) is None  # node 1's second rank
     off = TrackingConfig(system_metrics=False)
-    assert SystemSampler.start(off, _env(rank=0, local_rank=0, node_rank=0), run_id, uri, resumed=False) is None
+    assert SystemSampler.start(off, TWO_NODES, 0, run_id, uri, resumed=False) is None
+
+
+def test_other_nodes_sample_a_file_store_only_when_told():
+    """Several hosts writing one SQLite file on a shared filesystem is unsafe: "auto" keeps them off it."""
+    auto, every, main = (TrackingConfig(system_metrics_nodes=m) for m in ("auto", "all", "main"))
+    sqlite, server = "sqlite:////shared/run/mlflow.db", "http://tracking:5000"
+    assert samples_node(auto, 0, sqlite) and not samples_node(auto, 1, sqlite)
+    assert samples_node(auto, 1, server) and samples_node(every, 1, sqlite)
+    assert samples_node(main, 0, server) and not samples_node(main, 1, server)
+
+
+def test_placement_repairs_node_ranks_that_disagree_with_the_hosts():
+    """A launcher that sets RANK but no node rank: every host claims node 0; hosts decide instead."""
+    placement = Placement.from_ranks([("a", 0), ("a", 0), ("b", 0), ("c", 0)])
+    assert not placement.consistent
+    assert placement.node_ranks == [0, 0, 1, 2] and placement.hosts == {0: "a", 1: "b", 2: "c"}
+    assert [placement.is_sampler(r) for r in range(4)] == [True, False, True, True]
+    # SLURM's emulated nodes on one host: node ranks differ, the hostname is shared -- that is consistent
+    emulated = Placement.from_ranks([("h", 0), ("h", 1), ("h", 2)])
+    assert emulated.consistent and emulated.node_ranks == [0, 1, 2]
 
 
 def test_stop_is_bounded_when_the_store_hangs(caplog):
@@ -88,7 +110,7 @@ def test_stop_is_bounded_when_the_store_hangs(caplog):
     uri = f"http://127.0.0.1:{listener.getsockname()[1]}"
     try:
         cfg = TrackingConfig(system_metrics_interval_s=0.1)
-        sampler = SystemSampler.start(cfg, _env(0, 0, 0), "0" * 32, uri, resumed=False)
+        sampler = SystemSampler.start(cfg, ONE_NODE, 0, "0" * 32, uri, resumed=False)
         assert sampler is not None
         time.sleep(0.5)  # the thread is now inside a request that never returns
         start = time.monotonic()
