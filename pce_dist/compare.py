@@ -27,7 +27,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from .metrics import SUMMARY_METRICS, metric_goal
+from .metrics import SUMMARY_METRICS, is_compared_specialisation, metric_goal
 from .redact import redact
 from .runs import fetch_runs, run_dir_store_uri
 
@@ -43,6 +43,8 @@ def build_table(runs: Sequence[dict[str, Any]], extra_metrics: Sequence[str] = (
     param_keys = sorted({k for r in runs for k in r["params"]})
     differing = [k for k in param_keys if len({r["params"].get(k) for r in runs}) > 1]
     metric_keys = [k for k in SUMMARY_METRICS if any(k in r["metrics"] for r in runs)]
+    # per layer: does it balance, and does it route by content or by place (final values)
+    metric_keys += sorted({k for r in runs for k in r["metrics"] if is_compared_specialisation(k)})
     metric_keys += [k for k in extra_metrics if k not in metric_keys]
     metric_cols = []
     for key in metric_keys:

@@ -59,6 +59,20 @@ class ModelConfig:
     collapse_weight: float = 0.01  # beta; the seed's collapse term has zero gradient (logged anyway)
     collapse_usage: float = 0.01  # an expert used by fewer than this fraction of patches counts as collapsed
     balance_weight: float = 0.0  # differentiable Switch-style load balancing; 0 = off (seed has none)
+    # How selected experts' outputs are combined (docs/model.md, "Gate"): "renormalized" (the seed's
+    # filtered weights sum to 1 per patch, so a patch with one expert sends the router no task-loss
+    # gradient) or "probs" (the masked probabilities themselves, as Switch/GShard gates: every routed
+    # patch's loss reaches the router and, in phase 2, the keys).
+    gate: Literal["renormalized", "probs"] = "renormalized"
+    # Centre and scale the SPP embeddings (BatchNorm without affine, running statistics in eval)
+    # before the cosine: the raw embeddings share a large common component, so every patch is
+    # almost equally close to every key (nearest-key cosine ~0.99) and routing cannot see content.
+    router_center: bool = False
+    # Auxiliary-loss-free balancing: a per-expert bias added to the selection scores only (the
+    # weights stay those of the unbiased probabilities); after every optimizer step it moves by
+    # this rate times the sign of each expert's load error, from load counts summed over all
+    # ranks, so every rank holds the same bias (a buffer: checkpointed). 0 = off.
+    bias_balance_rate: float = 0.0
 
 
 @dataclass
@@ -392,7 +406,7 @@ def validate(cfg: RunConfig) -> None:
                  "needs positive pool sizes")
     _require(m.temperature > 0, "model.temperature", m.temperature, "must be > 0")
     for key in ("wth_max", "wth_entropy", "wth_gap", "confidence_weight", "collapse_weight",
-                "balance_weight", "collapse_usage"):
+                "balance_weight", "collapse_usage", "bias_balance_rate"):
         _require(getattr(m, key) >= 0, f"model.{key}", getattr(m, key), "must be >= 0")
     _require(m.mask_sharpness > 0, "model.mask_sharpness", m.mask_sharpness, "must be > 0")
     _require(0.0 <= m.key_ema_alpha <= 1.0, "model.key_ema_alpha", m.key_ema_alpha, "must be in [0, 1]")

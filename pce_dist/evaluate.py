@@ -51,7 +51,7 @@ def evaluate_file(path: str, *, data_root: str | None = None, split: str | None 
     loader = build_eval_loader(data_cfg, split, rank=0, world_size=1)
     sums = evaluation.accumulate(model, loader, device=torch.device("cpu"), dtype=torch.float32,
                                  num_layers=len(model.routers()), num_experts=cfg.model.num_experts,
-                                 num_classes=cfg.model.num_classes)
+                                 num_classes=cfg.model.num_classes, num_patches=model.patches_per_image())
     prefix = names.eval_prefix(split, cfg.data.eval_split)
     metrics = names.eval_metrics(sums, prefix=prefix, split=split, collapse_usage=cfg.model.collapse_usage)
     x_BCHW, _, valid_B = next(iter(loader))

@@ -10,7 +10,7 @@ after the all-reduce: one rank may rightly hold none.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,10 +21,13 @@ from .model.net import PCEOutput
 
 @torch.no_grad()
 def accumulate(forward: Callable[[torch.Tensor], PCEOutput], loader: Iterable, *, device: torch.device,
-               dtype: torch.dtype, num_layers: int, num_experts: int, num_classes: int) -> EvalAccumulator:
+               dtype: torch.dtype, num_layers: int, num_experts: int, num_classes: int,
+               num_patches: Sequence[int] = ()) -> EvalAccumulator:
     """Sums over the ``(x, y, valid)`` batches of ``loader``: loss, correct, count, confusion
-    counts, and per PCE layer the routing entropy, threshold and expert usage of valid patches."""
-    acc = EvalAccumulator.zeros(num_layers, num_experts, num_classes, device)
+    counts, and per PCE layer the routing entropy, threshold and expert usage of valid patches;
+    with ``num_patches`` (patches per image of each layer) also the chosen expert by class and
+    by position (``metrics.SPECIALISATION_STATS``)."""
+    acc = EvalAccumulator.zeros(num_layers, num_experts, num_classes, device, num_patches=num_patches)
     for x, y, valid in loader:
         x, y = x.to(device, dtype), y.to(device)
         valid = valid.to(device).float()
@@ -36,5 +39,5 @@ def accumulate(forward: Callable[[torch.Tensor], PCEOutput], loader: Iterable, *
             probs = r.probs_NE.float()
             entropy_N = -(probs * torch.log(probs.clamp_min(1e-12))).sum(1)
             acc.add_layer(layer, entropy_N=entropy_N, threshold_N=r.threshold_N, selected_NE=r.selected_NE,
-                          valid_N=valid_N)
+                          valid_N=valid_N, chosen_N=r.weights_NE.argmax(1), labels_B=y)
     return acc

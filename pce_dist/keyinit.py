@@ -78,15 +78,17 @@ def layer_embeddings(model: PCENet, batches: Iterable[torch.Tensor], layer: int,
 def init_keys(model: PCENet, batches: list[torch.Tensor], *, max_samples: int = 20000, niter: int = 25,
               max_points_per_centroid: int = 256, seed: int = 0, method: str = "kmeans",
               gather: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
-              broadcast: Callable[[torch.Tensor | None], torch.Tensor] | None = None) -> list[dict]:
+              broadcast: Callable[[torch.Tensor | None, tuple[int, int]], torch.Tensor] | None = None) -> list[dict]:
     """Initialise every router's keys; returns one record per layer (time, objective, samples).
 
     ``batches`` are input images ``[B,C,H,W]`` on the model's device. ``gather`` returns
     the concatenated samples of all ranks on the main process and ``None`` elsewhere;
-    ``broadcast`` sends the main process's keys to all. Both default to single-process.
+    ``broadcast(t, shape)`` sends the main process's ``t`` (the keys; with centring, the keys
+    and the centre as one ``[E + 1, D]`` tensor) to all, where ``t`` is ``None`` and ``shape``
+    says what arrives. Both default to single-process.
     """
     gather = gather or (lambda t: t)
-    broadcast = broadcast or (lambda t: t)
+    broadcast = broadcast or (lambda t, shape: t)
     was_training = model.training
     model.eval()
     records = []
@@ -96,6 +98,13 @@ def init_keys(model: PCENet, batches: list[torch.Tensor], *, max_samples: int = 
             all_ND = gather(emb_ND)
             keys_ED = None
             record: dict = {"layer": layer}
+            center_D = None
+            if all_ND is not None and router.center_mean is not None:
+                # centring: the sample's mean is the running mean's start; k-means sees centred points
+                # (the sample was embedded with the current mean, so add it back first)
+                raw_ND = all_ND + router.center_mean.cpu()
+                center_D = raw_ND.mean(0)
+                all_ND = raw_ND - center_D
             if all_ND is not None:
                 if method == "kmeans":
                     result = kmeans(all_ND.numpy(), router.num_experts, niter=niter, seed=seed + layer,
@@ -110,7 +119,14 @@ def init_keys(model: PCENet, batches: list[torch.Tensor], *, max_samples: int = 
                 else:
                     raise ValueError(f"unknown key init method {method!r} (train.key_init)")
                 keys_ED = F.normalize(keys_ED.float(), dim=-1)
-            keys_ED = broadcast(keys_ED)
+                record["mean_nearest_cos"] = float((F.normalize(all_ND, dim=-1) @ keys_ED.t()).max(1).values.mean())
+            if router.center_mean is not None:  # keys and centre travel together: [E + 1, D]
+                sent = None if keys_ED is None else torch.cat([keys_ED, center_D[None].float()])
+                received = broadcast(sent, (router.num_experts + 1, router.embed_dim))
+                keys_ED = received[:-1]
+                router.set_center(received[-1].to(router.center_mean.device))
+            else:
+                keys_ED = broadcast(keys_ED, (router.num_experts, router.embed_dim))
             router.set_keys(keys_ED.to(router.keys.device))
             records.append(record)
             log.info("router keys of layer %d initialised: %s", layer, record)

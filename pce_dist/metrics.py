@@ -18,9 +18,14 @@ Schema. ``<p>`` is the phase prefix: ``train`` for training, ``eval`` for
     router/<p>/layer<l>/threshold                            mean adaptive threshold            (evaluations)
     router/<p>/layer<l>/experts_per_patch                    mean number of selected experts    (evaluations)
     router/<p>/layer<l>/collapse                             experts with usage < collapse_usage (evaluations)
+    router/<p>/layer<l>/max_share, .../usage_entropy         the chosen (top-weight) expert's load: largest
+                                                             share, entropy of the shares / log E (evaluations)
+    router/<p>/layer<l>/nmi_class, .../nmi_position          NMI of the chosen expert with the class and with
+                                                             the patch position: content vs place (evaluations)
     perf/img_per_s, perf/step_time_s
     comm/routed_bytes_per_step, comm/dispatch_bytes_per_step, comm/return_bytes_per_step
-    keyinit/seconds_total, keyinit/layer<l>/objective, keyinit/layer<l>/kmeans_seconds
+    keyinit/seconds_total, keyinit/layer<l>/objective, keyinit/layer<l>/kmeans_seconds,
+    keyinit/layer<l>/mean_nearest_cos                        the k-means sample's mean cosine to its nearest key
     data/<count>                                             samples_skipped, samples_padded, shards_failed, ...
     cost/total_params, cost/active_params, cost/fwd_mflop_per_img, cost/experts_per_patch/layer<l>
                                                              (``python -m pce_dist.evaluate`` only)
@@ -50,6 +55,7 @@ Shape legend: L PCE layers, E experts, K classes, N routed patches, B images.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -111,7 +117,23 @@ COST_TOTAL_PARAMS = "cost/total_params"
 COST_ACTIVE_PARAMS = "cost/active_params"
 COST_FWD_MFLOP_PER_IMG = "cost/fwd_mflop_per_img"
 
-ROUTER_STATS = ("entropy", "threshold", "experts_per_patch", "collapse")  # per layer, at evaluations
+# per layer, at evaluations; the last four read the top-weight ("chosen") expert of each patch:
+# max_share (largest fraction of patches one expert gets), usage_entropy (entropy of those shares
+# / log E: 1 = uniform), nmi_class and nmi_position (normalised mutual information of the chosen
+# expert with the image's class and with the patch's position: content versus place)
+ROUTER_STATS = ("entropy", "threshold", "experts_per_patch", "collapse", "max_share", "usage_entropy",
+                "nmi_class", "nmi_position")
+SPECIALISATION_STATS = ROUTER_STATS[4:]
+
+
+_COMPARED_SPECIALISATION = ("max_share", "nmi_class", "nmi_position")  # the columns ``compare`` adds
+
+
+def is_compared_specialisation(key: str) -> bool:
+    """``router/eval/layer<l>/{max_share,nmi_class,nmi_position}``: ``compare`` shows these of every layer."""
+    parts = key.split("/")
+    return (len(parts) == 4 and parts[0] == "router" and parts[1] == EVAL and parts[2].startswith("layer")
+            and parts[3] in _COMPARED_SPECIALISATION)
 
 
 def router_usage(prefix: str, layer: int, expert: int) -> str:
@@ -124,6 +146,11 @@ def router_stat(prefix: str, layer: int, stat: str) -> str:
     if stat not in ROUTER_STATS:
         raise ValueError(f"unknown router statistic {stat!r}; one of {ROUTER_STATS}")
     return f"router/{prefix}/layer{layer}/{stat}"
+
+
+def keyinit_nearest_cos(layer: int) -> str:
+    """Mean cosine of the k-means sample to its nearest initial key: ~1 means every patch looks alike."""
+    return f"keyinit/layer{layer}/mean_nearest_cos"
 
 
 def keyinit_objective(layer: int) -> str:
@@ -340,6 +367,8 @@ def keyinit_metrics(seconds: float, records: Sequence[Mapping[str, Any]]) -> dic
         if "objective" in r:
             out[keyinit_objective(r["layer"])] = r["objective"]
             out[keyinit_kmeans_seconds(r["layer"])] = r["seconds"]
+        if "mean_nearest_cos" in r:
+            out[keyinit_nearest_cos(r["layer"])] = r["mean_nearest_cos"]
     return out
 
 
@@ -358,29 +387,85 @@ def cost_metrics(cost: Any) -> dict[str, float]:
 # ----------------------------------------------------------------------------- evaluation
 
 
+def _entropy(counts: Sequence[float]) -> float:
+    total = sum(counts)
+    return -sum(c / total * math.log(c / total) for c in counts if c > 0) if total > 0 else 0.0
+
+
+def normalized_mutual_information(joint: Sequence[Sequence[float]]) -> float:
+    """NMI of two variables from their joint counts ``joint[x][y]``: ``I(X;Y) / mean(H(X), H(Y))``.
+
+    The arithmetic-mean normalisation of scikit-learn's ``normalized_mutual_info_score``
+    (its default): 0 for independent variables, 1 when each determines the other. A
+    variable that takes one value only has no information to share: 0 (not 0/0).
+    """
+    rows = [sum(r) for r in joint]
+    cols = [sum(c) for c in zip(*joint)]
+    total = sum(rows)
+    if total <= 0:
+        return 0.0
+    h_x, h_y = _entropy(rows), _entropy(cols)
+    if h_x == 0.0 or h_y == 0.0:
+        return 0.0
+    mi = sum(c / total * math.log(c * total / (rows[i] * cols[j]))
+             for i, r in enumerate(joint) for j, c in enumerate(r) if c > 0)
+    return max(0.0, mi) / ((h_x + h_y) / 2)
+
+
+def specialisation(expert_class_EK: Sequence[Sequence[float]],
+                   expert_position_EP: Sequence[Sequence[float]]) -> dict[str, float]:
+    """``SPECIALISATION_STATS`` of one layer from its chosen-expert x class / x position counts."""
+    shares = [sum(r) for r in expert_class_EK]
+    total = sum(shares)
+    num_experts = len(shares)
+    return {
+        "max_share": max(shares) / total if total > 0 else 0.0,
+        "usage_entropy": _entropy(shares) / math.log(num_experts) if num_experts > 1 else 0.0,
+        "nmi_class": normalized_mutual_information(expert_class_EK),
+        "nmi_position": normalized_mutual_information(expert_position_EP),
+    }
+
+
 @dataclass
 class EvalAccumulator:
     """Sums of one evaluation, in one device tensor (one all-reduce for the whole evaluation).
 
     Layout of ``flat``: ``[loss, correct, count]``, then per layer ``[entropy, threshold,
     items, usage_E...]`` (sums over valid patches), then the confusion counts ``[K*K]``
-    (row: true class, column: predicted). The properties are views into ``flat``.
+    (row: true class, column: predicted), then -- when ``num_patches`` gives each layer's
+    patches per image -- per layer the counts of the chosen (top-weight) expert by class
+    ``[E*K]`` and by patch position ``[E*P_l]``. The properties are views into ``flat``.
     """
 
     flat: torch.Tensor
     num_layers: int
     num_experts: int
     num_classes: int
+    num_patches: tuple[int, ...] = ()  # per layer; () = no specialisation counts
 
     _SUMS = ("loss", "correct", "count")
     _LAYER = ("entropy", "threshold", "items")  # then usage_E
 
     @classmethod
-    def zeros(cls, num_layers: int, num_experts: int, num_classes: int, device: Any) -> EvalAccumulator:
+    def zeros(cls, num_layers: int, num_experts: int, num_classes: int, device: Any,
+              num_patches: Sequence[int] = ()) -> EvalAccumulator:
         import torch
 
-        size = len(cls._SUMS) + num_layers * (len(cls._LAYER) + num_experts) + num_classes * num_classes
-        return cls(torch.zeros(size, device=device), num_layers, num_experts, num_classes)
+        if num_patches and len(num_patches) != num_layers:
+            raise ValueError(f"num_patches needs one entry per layer ({num_layers}), got {list(num_patches)}")
+        size = (len(cls._SUMS) + num_layers * (len(cls._LAYER) + num_experts) + num_classes * num_classes
+                + sum(num_experts * (num_classes + p) for p in num_patches))
+        return cls(torch.zeros(size, device=device), num_layers, num_experts, num_classes, tuple(num_patches))
+
+    def _cm_start(self) -> int:
+        return len(self._SUMS) + self.num_layers * (len(self._LAYER) + self.num_experts)
+
+    def specialisation_tables(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(expert x class [E, K], expert x position [E, P_l])`` counts of one layer."""
+        E, K = self.num_experts, self.num_classes
+        start = self._cm_start() + K * K + sum(E * (K + p) for p in self.num_patches[:layer])
+        P = self.num_patches[layer]
+        return (self.flat[start:start + E * K].view(E, K), self.flat[start + E * K:start + E * (K + P)].view(E, P))
 
     @property
     def sums_S(self) -> torch.Tensor:
@@ -397,7 +482,7 @@ class EvalAccumulator:
     @property
     def cm_KK(self) -> torch.Tensor:
         K = self.num_classes
-        return self.flat[self.flat.numel() - K * K:].view(K, K)
+        return self.flat[self._cm_start():self._cm_start() + K * K].view(K, K)
 
     def add_batch(self, *, loss_B: torch.Tensor, pred_B: torch.Tensor, labels_B: torch.Tensor,
                   valid_B: torch.Tensor) -> None:
@@ -409,13 +494,26 @@ class EvalAccumulator:
         self.cm_KK.view(-1).index_add_(0, labels_B * self.num_classes + pred_B, valid_B)
 
     def add_layer(self, layer: int, *, entropy_N: torch.Tensor, threshold_N: torch.Tensor,
-                  selected_NE: torch.Tensor, valid_N: torch.Tensor) -> None:
-        """One PCE layer's per-patch entropy, threshold and selection mask, masked by ``valid_N``."""
+                  selected_NE: torch.Tensor, valid_N: torch.Tensor, chosen_N: torch.Tensor | None = None,
+                  labels_B: torch.Tensor | None = None) -> None:
+        """One PCE layer's per-patch entropy, threshold and selection mask, masked by ``valid_N``;
+        with ``num_patches``, also the chosen expert of each patch (``chosen_N``, patches in
+        image-major order ``n = b * P + p``) against its image's label and its position."""
         import torch
 
         self.layers_LS[layer].add_(torch.cat([torch.stack([(entropy_N * valid_N).sum(),
                                                            (threshold_N.float() * valid_N).sum(), valid_N.sum()]),
                                               (selected_NE.float() * valid_N[:, None]).sum(0)]))
+        if not self.num_patches:
+            return
+        if chosen_N is None or labels_B is None:
+            raise ValueError("this accumulator counts specialisation: add_layer needs chosen_N and labels_B")
+        expert_class_EK, expert_position_EP = self.specialisation_tables(layer)
+        P = self.num_patches[layer]
+        labels_N = labels_B.repeat_interleave(P)
+        position_N = torch.arange(chosen_N.shape[0], device=chosen_N.device) % P
+        expert_class_EK.view(-1).index_add_(0, chosen_N * self.num_classes + labels_N, valid_N)
+        expert_position_EP.view(-1).index_add_(0, chosen_N * P + position_N, valid_N)
 
     def reduce(self, all_reduce: AllReduce) -> EvalAccumulator:
         """Sum over the ranks, in place; returns ``self``."""
@@ -443,4 +541,7 @@ def eval_metrics(acc: EvalAccumulator, *, prefix: str, collapse_usage: float, sp
         out[router_stat(prefix, layer, "experts_per_patch")] = sum(usage)
         out[router_stat(prefix, layer, "collapse")] = float(sum(u < collapse_usage for u in usage))
         out.update({router_usage(prefix, layer, e): u for e, u in enumerate(usage)})
+        if acc.num_patches:
+            tables = [t.tolist() for t in acc.specialisation_tables(layer)]
+            out.update({router_stat(prefix, layer, k): v for k, v in specialisation(*tables).items()})
     return out

@@ -133,12 +133,10 @@ class Trainer:
             parts = self.env.all_gather(emb.to(self.device))  # same sizes on every rank: same batches
             return torch.cat(parts).cpu() if self.env.is_main else None
 
-        def broadcast(keys: torch.Tensor | None) -> torch.Tensor:
+        def broadcast(t: torch.Tensor | None, shape: tuple[int, int]) -> torch.Tensor:
             if world == 1:
-                return keys
-            router = self.model.routers()[0]
-            buf = keys.to(self.device) if keys is not None else torch.empty(
-                router.num_experts, router.embed_dim, device=self.device)
+                return t
+            buf = t.to(self.device) if t is not None else torch.empty(shape, device=self.device)
             return self.env.broadcast(buf, src=0).cpu()
 
         start = time.perf_counter()
@@ -344,7 +342,8 @@ class Trainer:
         self.engine.eval()
         sums = evaluation.accumulate(
             self.engine, self.data.eval_loader(split), device=self.device, dtype=self.dtype,
-            num_layers=len(model.routers()), num_experts=cfg.model.num_experts, num_classes=cfg.model.num_classes)
+            num_layers=len(model.routers()), num_experts=cfg.model.num_experts, num_classes=cfg.model.num_classes,
+            num_patches=model.patches_per_image())
         prefix = names.eval_prefix(split, cfg.data.eval_split)
         metrics = names.eval_metrics(sums.reduce(self._all_reduce), prefix=prefix, split=split,
                                      collapse_usage=cfg.model.collapse_usage)

@@ -22,15 +22,23 @@ from ..model.net import is_expert_name
 from .env import DistEnv
 
 
+_RUNNING_STATS = ("running_mean", "running_var")
+
+
 @torch.no_grad()
 def average(model: nn.Module, env: DistEnv) -> dict[str, torch.Tensor]:
-    """Average every floating-point buffer over the ranks holding the same module; returns
-    this rank's values from before (``{}`` on one rank, where there is nothing to average)."""
+    """Average every BatchNorm running statistic over the ranks holding the same module; returns
+    this rank's values from before (``{}`` on one rank, where there is nothing to average).
+
+    Only ``running_mean`` / ``running_var``: other buffers are either constant (positional
+    channels) or identical on every rank by construction (a router's selection bias, moved
+    by an all-reduced update), and averaging could only add rounding to them.
+    """
     if env.world_size == 1:
         return {}
     shared, experts, own = [], [], {}
     for name, buf in model.named_buffers():
-        if buf.is_floating_point():  # running_mean / running_var; the step counters agree
+        if name.rsplit(".", 1)[-1] in _RUNNING_STATS:  # the step counters agree
             (experts if is_expert_name(name) else shared).append(buf)
             own[name] = buf.detach().clone()
     for bufs, group in ((shared, "dp"), (experts, "edp")):

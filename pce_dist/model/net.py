@@ -72,6 +72,10 @@ class PCENet(nn.Module):
     def routers(self) -> list[Router]:
         return [layer.router for layer in self.pce_layers()]
 
+    def patches_per_image(self) -> list[int]:
+        """Patches each PCE layer routes per image (its patch grid's size)."""
+        return [layer.extractor.num_patches for layer in self.pce_layers()]
+
     def set_keys_trainable(self, trainable: bool) -> None:
         for router in self.routers():
             router.set_keys_trainable(trainable)

@@ -41,16 +41,63 @@ class Router(nn.Module):
         self.embed_dim = spec.embed_dim
         self.keys = nn.Parameter(F.normalize(torch.randn(num_experts, self.embed_dim), dim=-1))
         self.keys_trainable = False
+        # Centring (spec.center): the embeddings minus their running mean. A buffer, not batch
+        # statistics: it is set from the k-means sample at key init and then moved by the EMA of
+        # all-reduced batch means (keys.KeyUpdater), so every rank -- and one process -- uses the
+        # same value, and expert parallelism stays exact. (BatchNorm would centre each rank's
+        # batch by its own mean.)
+        if spec.center:
+            self.register_buffer("center_mean", torch.zeros(self.embed_dim))
+        else:
+            self.center_mean = None
+        if spec.select_bias:  # moved by keys.KeyUpdater after each optimizer step, never by the optimizer
+            self.register_buffer("select_bias", torch.zeros(num_experts))
+        else:
+            self.select_bias = None
+
+    def raw_embed(self, patches_NCnn: torch.Tensor) -> torch.Tensor:
+        """``[N,C,n,n] -> [N,D]`` SPP embeddings before centring."""
+        return spp(self.proj(patches_NCnn), self.spp_levels, self.spec.spp_pool)
 
     def embed(self, patches_NCnn: torch.Tensor) -> torch.Tensor:
-        """``[N,C,n,n] -> [N,D]`` patch embeddings (used by routing and by k-means init)."""
-        return spp(self.proj(patches_NCnn), self.spp_levels, self.spec.spp_pool)
+        """``[N,C,n,n] -> [N,D]`` patch embeddings as routed (used by routing and by k-means init)."""
+        embeddings_ND = self.raw_embed(patches_NCnn)
+        return embeddings_ND if self.center_mean is None else embeddings_ND - self.center_mean.to(embeddings_ND)
 
     def forward(self, patches_NCnn: torch.Tensor) -> RouteResult:
         embeddings_ND = self.embed(patches_NCnn)
         keys_ED = self.keys if self.keys_trainable else self.keys.detach()
         return route(embeddings_ND, keys_ED, temperature=self.spec.temperature, wth=self.spec.wth,
-                     mask_sharpness=self.spec.mask_sharpness, with_stats=self.training)
+                     mask_sharpness=self.spec.mask_sharpness, with_stats=self.training, gate=self.spec.gate,
+                     select_bias_E=self.select_bias)
+
+    @torch.no_grad()
+    def set_center(self, mean_D: torch.Tensor) -> None:
+        """Set the running mean that centring subtracts (key init: the k-means sample's mean)."""
+        if self.center_mean is None:
+            raise RuntimeError("this router does not centre its embeddings (model.router_center = false)")
+        self.center_mean.copy_(mean_D.to(self.center_mean))
+
+    @torch.no_grad()
+    def update_center(self, sum_raw_D: torch.Tensor, count: torch.Tensor) -> None:
+        """EMA step of the running mean from a batch's raw-embedding sum and count (all ranks summed)."""
+        alpha = self.spec.ema_alpha
+        batch_mean_D = (sum_raw_D / count.clamp_min(1)).to(self.center_mean)
+        updated_D = alpha * self.center_mean + (1.0 - alpha) * batch_mean_D
+        self.center_mean.copy_(torch.where(count > 0, updated_D, self.center_mean))  # no host sync
+
+    @torch.no_grad()
+    def update_select_bias(self, load_E: torch.Tensor, rate: float) -> None:
+        """One balancing step from the load (selected items per expert) summed over every rank.
+
+        ``bias += rate * sign(mean load - load)``: an overloaded expert's bias goes down by
+        ``rate``, an underloaded one's up; equal loads leave it. Identical inputs on every
+        rank give identical biases (no further collective).
+        """
+        if self.select_bias is None:
+            raise RuntimeError("this router has no selection bias (model.bias_balance_rate = 0)")
+        load_E = load_E.to(self.select_bias)
+        self.select_bias += rate * torch.sign(load_E.mean() - load_E)
 
     def set_keys_trainable(self, trainable: bool) -> None:
         self.keys_trainable = bool(trainable)

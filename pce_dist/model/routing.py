@@ -30,9 +30,9 @@ class RouteResult:
 
     Attributes:
         probs_NE: softmax(cos / T), rows sum to 1.
-        weights_NE: filtered weights: probs * soft_mask on the hard-selected experts,
-            renormalised so each row sums to 1; exactly 0 where an expert is not selected.
-        embeddings_ND: SPP patch embeddings (before normalisation).
+        weights_NE: filtered weights: probs * soft_mask on the hard-selected experts (renormalised
+            so each row sums to 1 with the seed's gate); > 0 exactly where an expert is selected.
+        embeddings_ND: SPP patch embeddings as routed (centred with ``model.router_center``; not unit-normalised).
         threshold_N: the adaptive threshold of each item.
         sum_w_E: sum_j w_ej (detached) -- EMA denominator.
         sum_wemb_ED: sum_j w_ej * unit(embedding_j) (detached) -- EMA numerator.
@@ -77,6 +77,9 @@ def adaptive_threshold(probs_NE: torch.Tensor, wth: ThresholdWeights) -> torch.T
     return wth.max * max_component_N + wth.entropy * entropy_component_N + wth.gap * gap_component_N
 
 
+GATES = ("renormalized", "probs")
+
+
 def route(
     embeddings_ND: torch.Tensor,
     keys_ED: torch.Tensor,
@@ -85,28 +88,53 @@ def route(
     wth: ThresholdWeights,
     mask_sharpness: float,
     with_stats: bool = True,
+    gate: str = "renormalized",
+    select_bias_E: torch.Tensor | None = None,
 ) -> RouteResult:
     """Route N embeddings to E experts.
 
-    Gradient flow: ``weights = probs * sigmoid(s*(probs - threshold)) * hard / sum(...)``.
-    The hard selection ``hard`` (prob >= threshold, top-1 always kept) is a constant 0/1
-    factor: selected entries receive gradient through ``probs`` and through the soft mask
+    Gradient flow: ``filtered = probs * sigmoid(s*(probs - threshold)) * hard``. The hard
+    selection ``hard`` (prob >= threshold, top-1 always kept) is a constant 0/1 factor:
+    selected entries receive gradient through ``probs`` and through the soft mask
     (including the threshold's own dependence on ``probs``); unselected entries receive
-    none. With a single selected expert the renormalised weight is exactly 1, so the task
-    loss sends no gradient to the router for that item -- the router then learns from the
-    confidence loss and from items routed to several experts.
+    none. ``gate`` says how ``filtered`` becomes the combination weights:
+
+    * ``"renormalized"`` (the seed): ``filtered / sum(filtered)``. With a single selected
+      expert the weight is exactly 1, so the task loss sends no gradient to the router for
+      that item -- the router then learns from the confidence loss and from items routed
+      to several experts;
+    * ``"probs"``: ``filtered`` itself (Switch/GShard-style): the expert output is scaled by
+      the router's confidence, so every routed item's task loss reaches the router.
+
+    ``select_bias_E`` (auxiliary-loss-free balancing) is added to the logits for the *hard
+    selection only*: which experts compute an item follows ``softmax(cos/T + bias)`` and its
+    threshold, while the weights keep the unbiased probabilities, so the bias steers load
+    without distorting what the experts' outputs are multiplied by.
     """
+    if gate not in GATES:
+        raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
     emb_unit_ND = F.normalize(embeddings_ND, dim=-1)
     keys_unit_ED = F.normalize(keys_ED, dim=-1)
     cos_NE = emb_unit_ND @ keys_unit_ED.t()
-    probs_NE = torch.softmax(cos_NE / temperature, dim=-1)
+    logits_NE = cos_NE / temperature
+    probs_NE = torch.softmax(logits_NE, dim=-1)
     threshold_N = adaptive_threshold(probs_NE, wth)
     soft_mask_NE = torch.sigmoid(mask_sharpness * (probs_NE - threshold_N[:, None]))
-    top1_N = probs_NE.argmax(dim=-1)
-    hard_NE = (probs_NE >= threshold_N[:, None]) | F.one_hot(top1_N, probs_NE.shape[-1]).bool()
+    with torch.no_grad():  # the selection is a constant factor either way
+        if select_bias_E is None:
+            select_NE, select_threshold_N = probs_NE, threshold_N
+        else:
+            select_NE = torch.softmax(logits_NE + select_bias_E.to(logits_NE.dtype), dim=-1)
+            select_threshold_N = adaptive_threshold(select_NE, wth)
+        top1_N = select_NE.argmax(dim=-1)
+        hard_NE = (select_NE >= select_threshold_N[:, None]) | F.one_hot(top1_N, probs_NE.shape[-1]).bool()
     filtered_NE = probs_NE * soft_mask_NE * hard_NE
-    # The top-1 expert is always hard-selected; clamp only guards a soft mask underflowing to 0.
-    weights_NE = filtered_NE / filtered_NE.sum(-1, keepdim=True).clamp_min(torch.finfo(probs_NE.dtype).tiny)
+    if gate == "renormalized":
+        # The top-1 expert is always hard-selected; clamp only guards a soft mask underflowing to 0.
+        weights_NE = filtered_NE / filtered_NE.sum(-1, keepdim=True).clamp_min(torch.finfo(probs_NE.dtype).tiny)
+    else:
+        # Never exactly 0 where selected (the dispatch computes where weight > 0): floor at tiny.
+        weights_NE = torch.where(hard_NE, filtered_NE.clamp_min(torch.finfo(probs_NE.dtype).tiny), filtered_NE)
     if with_stats:
         w_det_NE = weights_NE.detach()
         sum_w_E = w_det_NE.sum(0)

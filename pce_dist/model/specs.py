@@ -40,6 +40,9 @@ class RouterSpec:
     wth: ThresholdWeights = field(default_factory=ThresholdWeights)
     mask_sharpness: float = 50.0
     ema_alpha: float = 0.99
+    gate: str = "renormalized"  # see ModelConfig.gate
+    center: bool = False  # see ModelConfig.router_center
+    select_bias: bool = False  # a selection bias buffer exists (ModelConfig.bias_balance_rate > 0)
 
     @property
     def embed_dim(self) -> int:
@@ -51,4 +54,5 @@ class RouterSpec:
         return cls(dim=cfg.router_dim, spp_levels=tuple(cfg.spp_levels), spp_pool=cfg.spp_pool,
                    temperature=cfg.temperature,
                    wth=ThresholdWeights(max=cfg.wth_max, entropy=cfg.wth_entropy, gap=cfg.wth_gap),
-                   mask_sharpness=cfg.mask_sharpness, ema_alpha=cfg.key_ema_alpha)
+                   mask_sharpness=cfg.mask_sharpness, ema_alpha=cfg.key_ema_alpha, gate=cfg.gate,
+                   center=cfg.router_center, select_bias=cfg.bias_balance_rate > 0)

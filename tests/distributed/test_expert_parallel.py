@@ -37,17 +37,25 @@ GLOBAL_BATCH = 8
 COUNT_BYTES = 8  # one int64 count per global expert in the counts exchange
 
 
-def _config(num_experts: int, norm: str, ep_size: int = 1):
+def _config(num_experts: int, norm: str, ep_size: int = 1, routing: tuple[str, ...] = ()):
     return load_config(None, [
         f"model.num_experts={num_experts}", f"model.expert_norm={norm}", "model.stem_norm=group",
         "model.expert_dropout=0.0", "model.image_size=8", "model.stem_channels=6", "model.channels=[8]",
         "model.patch_sizes=[4]", "model.downsample=[false]", "model.num_classes=4", "model.temperature=0.3",
-        f"dist.ep_size={ep_size}", "dist.timeout_s=30"])
+        f"dist.ep_size={ep_size}", "dist.timeout_s=30", *routing])
 
 
 def _model(cfg):
     torch.manual_seed(0)
-    return build_model(cfg.model).train()
+    model = build_model(cfg.model).train()
+    with torch.no_grad():  # routing state as training would have moved it: not the trivial zeros
+        for router in model.routers():
+            if router.select_bias is not None:
+                router.select_bias.copy_(torch.linspace(-0.5, 0.5, router.num_experts))
+            if router.center_mean is not None:
+                g = torch.Generator().manual_seed(2)
+                router.center_mean.copy_(0.1 * torch.randn(router.embed_dim, generator=g))
+    return model
 
 
 def _data():
@@ -67,8 +75,8 @@ def _record_patch_shapes(model) -> list[tuple[int, ...]]:
     return shapes
 
 
-def _reference(num_experts, norm):
-    cfg = _config(num_experts, norm)
+def _reference(num_experts, norm, routing=()):
+    cfg = _config(num_experts, norm, routing=routing)
     model = _model(cfg)
     x, y = _data()
     x.requires_grad_(True)
@@ -78,8 +86,8 @@ def _reference(num_experts, norm):
     return {"logits": model(x).logits_BK.detach(), "loss": loss.item(), "grads": grads, "x_grad": x.grad}
 
 
-def _ep_worker(rank, world_size, num_experts, norm, ep_size):
-    cfg = _config(num_experts, norm, ep_size)
+def _ep_worker(rank, world_size, num_experts, norm, ep_size, routing=()):
+    cfg = _config(num_experts, norm, ep_size, routing)
     env = DistEnv.from_environ(cfg.dist).init()
     model = parallelize_experts(_model(cfg), env)
     shapes = _record_patch_shapes(model)
@@ -127,10 +135,17 @@ def _expected_traffic(results, num_experts, ep_size, out_channels, backward: boo
     return expected
 
 
-@pytest.mark.parametrize("num_experts,norm,ep_size", [(4, "group", 2), (4, "batch", 2), (2, "batch", 2), (4, "group", 1)])
-def test_ep_model_matches_single_process(num_experts, norm, ep_size):
-    ref = _reference(num_experts, norm)
-    results = spawn(_ep_worker, 2, args=(num_experts, norm, ep_size), timeout_s=120)
+_ROUTING = {"seed": (), "gate=probs": ("model.gate=probs",), "centred": ("model.router_center=true",),
+            "bias": ("model.bias_balance_rate=0.05",),
+            "all": ("model.gate=probs", "model.router_center=true", "model.bias_balance_rate=0.05")}
+
+
+@pytest.mark.parametrize("num_experts,norm,ep_size,routing", [
+    (4, "group", 2, "seed"), (4, "batch", 2, "seed"), (2, "batch", 2, "seed"), (4, "group", 1, "seed"),
+    (4, "group", 2, "gate=probs"), (4, "group", 2, "centred"), (4, "group", 2, "bias"), (4, "group", 2, "all")])
+def test_ep_model_matches_single_process(num_experts, norm, ep_size, routing):
+    ref = _reference(num_experts, norm, _ROUTING[routing])
+    results = spawn(_ep_worker, 2, args=(num_experts, norm, ep_size, _ROUTING[routing]), timeout_s=120)
     torch.testing.assert_close(torch.cat([r["logits"] for r in results]), ref["logits"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(torch.cat([r["x_grad"] for r in results]), ref["x_grad"], rtol=1e-5, atol=1e-7)
     assert results[0]["loss"] == pytest.approx(ref["loss"], rel=1e-5)

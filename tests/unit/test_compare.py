@@ -167,3 +167,21 @@ def test_csv_to_file_also_prints_the_table(stores, capsys, tmp_path):
     rc, out, _ = _run(capsys, "--run-dir", str(stores[0]), "--csv", str(path))
     assert rc == 0 and out.startswith("run ")
     assert len(list(csv.DictReader(path.open()))) == 2
+
+
+def test_specialisation_of_every_layer_is_a_column():
+    """Whether each layer balances and routes by content or by place, without asking for it."""
+    from pce_dist.compare import build_table
+
+    def run(name, nmi_class):
+        metrics = {"eval/accuracy": 0.9, "router/eval/layer0/nmi_class": nmi_class,
+                   "router/eval/layer0/nmi_position": 0.1, "router/eval/layer1/max_share": 0.4,
+                   "router/val/layer0/nmi_class": 0.5, "router/eval/layer0/entropy": 0.3}
+        return {"run_name": name, "run_id": name * 8, "status": "FINISHED", "wall_time_s": 1.0, "params": {},
+                "metrics": metrics, "best": {}}
+
+    columns, rows = build_table([run("a", 0.2), run("b", 0.6)])
+    assert [c for c in columns if c.startswith("router/")] == [
+        "router/eval/layer0/nmi_class:final", "router/eval/layer0/nmi_position:final",
+        "router/eval/layer1/max_share:final"]  # the test split's, final only; not every router statistic
+    assert [r["router/eval/layer0/nmi_class:final"] for r in rows] == [0.2, 0.6]
