@@ -171,12 +171,11 @@ def load_exported(path: str | Path) -> tuple[PCENet, dict]:
     return exported.model, exported.config
 
 
-def export_run(run_dir: str | Path, class_names: list[str] | None = None) -> tuple[Path, dict]:
+def export_run(run_dir: str | Path) -> tuple[Path, dict]:
     """Export a run's newest checkpoint to ``RUN_DIR/model.safetensors``; returns (file, checkpoint meta)."""
     run_dir = Path(run_dir)
     ckpt = resolve(run_dir / "checkpoints")
-    out = export(ckpt, run_dir / RUN_EXPORT, class_names=class_names)
-    return out, read_meta(ckpt)
+    return export(ckpt, run_dir / RUN_EXPORT), read_meta(ckpt)
 
 
 def log_run_model(run_dir: str | Path) -> str:
