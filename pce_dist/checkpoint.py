@@ -84,9 +84,9 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 3
 # Model keys that change tensor shapes or the function computed: a checkpoint is refused
 # when one of these differs from the config.
-ARCHITECTURE_KEYS = ("kind", "in_channels", "image_size", "num_classes", "stem_channels", "stem_norm", "channels",
+ARCHITECTURE_KEYS = ("kind", "in_channels", "image_size", "input_pad", "num_classes", "stem_channels", "stem_norm", "channels",
                      "patch_sizes", "downsample", "num_experts", "expert_kernel", "expert_norm", "router_dim",
-                     "spp_levels", "spp_pool", "head_spp_levels")
+                     "spp_levels", "spp_pool", "head_spp_levels", "router_position")
 SHARED_FILE = "shared.pt"
 _STEP_DIR = re.compile(r"step_\d{8,}")
 _META_KEYS = ("format", "global_step", "world_size", "ep_size", "zero_stage", "portable_optimizer", "batch_size",

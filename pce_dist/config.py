@@ -31,6 +31,10 @@ class ModelConfig:
     kind: Literal["pce", "dense"] = "pce"  # "dense": each PCE layer -> one expert block over the whole map (baseline)
     in_channels: int = 1  # must match the data manifest (1 = grayscale, 3 = RGB)
     image_size: int = 28  # input H = W; every patch size must divide the map it is applied to
+    # Edge-replicated padding on each side of the input, inside the model, before the stem: lets
+    # a 28x28 image give every layer several patches (28+2*2=32 -> 16 -> 8, patches 8 and 4)
+    # where 28 -> 14 -> 7 leaves the last layer one 7x7 patch (docs/model.md, "Geometry").
+    input_pad: int = 0
     num_classes: int = 10  # must match the data manifest; the head's output size
     stem_channels: int = 32  # a 3x3 conv stem lifts raw pixels before the first routing decision
     stem_norm: Literal["batch", "group"] = "batch"  # "group" makes every op per-sample (exact multi-rank tests)
@@ -68,6 +72,10 @@ class ModelConfig:
     # before the cosine: the raw embeddings share a large common component, so every patch is
     # almost equally close to every key (nearest-key cosine ~0.99) and routing cannot see content.
     router_center: bool = False
+    # The router sees the patch's 4 positional channels (the seed feeds the extractor's output to
+    # router and experts alike). False: the router sees the content channels only, so routing can
+    # follow position only through content; the experts still receive the positional channels.
+    router_position: bool = True
     # Auxiliary-loss-free balancing: a per-expert bias added to the selection scores only (the
     # weights stay those of the unbiased probabilities); after every optimizer step it moves by
     # this rate times the sign of each expert's load error, from load counts summed over all
@@ -367,7 +375,7 @@ def check_expert_layout(ep_size: int, *, world_size: int | None = None, num_expe
 
 def feature_map_sizes(m: ModelConfig) -> list[int]:
     """Spatial size of the map each PCE layer sees (after its optional downsample)."""
-    sizes, size = [], m.image_size
+    sizes, size = [], m.image_size + 2 * m.input_pad
     for down in m.downsample:
         if down:
             size //= 2
@@ -389,7 +397,8 @@ def validate(cfg: RunConfig) -> None:
                  f"needs one entry per layer ({len(m.channels)}, like model.channels)")
     for i, c in enumerate(m.channels):
         _require(c >= 1, f"model.channels[{i}]", c, "must be >= 1")
-    size = m.image_size
+    _require(m.input_pad >= 0, "model.input_pad", m.input_pad, "must be >= 0")
+    size = m.image_size + 2 * m.input_pad
     for i, (p, down) in enumerate(zip(m.patch_sizes, m.downsample)):
         if down:
             _require(size % 2 == 0, f"model.downsample[{i}]", down, f"feature map {size}x{size} is odd")

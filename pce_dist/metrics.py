@@ -136,6 +136,16 @@ def is_compared_specialisation(key: str) -> bool:
             and parts[3] in _COMPARED_SPECIALISATION)
 
 
+def specialisation_caption(metrics: dict[str, float], prefix: str, layer: int) -> str:
+    """``"max share 0.31 | NMI class 0.22 / position 0.04"`` for a layer, from evaluation metrics;
+    "" when they are missing. The routing figure's panel titles: place versus content at a glance."""
+    keys = [router_stat(prefix, layer, s) for s in _COMPARED_SPECIALISATION]
+    if not all(k in metrics for k in keys):
+        return ""
+    share, cls, pos = (metrics[k] for k in keys)
+    return f"max share {share:.2f}\nNMI class {cls:.2f} / pos {pos:.2f}"
+
+
 def router_usage(prefix: str, layer: int, expert: int) -> str:
     """``router/<prefix>/layer<l>/usage/expert<e>``: fraction of the layer's patches that selected the expert."""
     return f"router/{prefix}/layer{layer}/usage/expert{expert}"

@@ -96,7 +96,8 @@ def _placeholder(ax, text: str) -> None:
 
 def routing_maps(images_BCHW: Any, layer_routes: Sequence[tuple[Any, int, int]], path: str | Path,
                  class_names: Sequence[str] | None = None, labels: Sequence[int] | None = None,
-                 predictions: Sequence[int] | None = None) -> Path:
+                 predictions: Sequence[int] | None = None, input_pad: int = 0,
+                 layer_captions: Sequence[str] | None = None) -> Path:
     """One row per image: the image, then one panel per PCE layer with its patch grid.
 
     Each patch is coloured by its top-weight expert (same colour for an expert id in
@@ -111,6 +112,10 @@ def routing_maps(images_BCHW: Any, layer_routes: Sequence[tuple[Any, int, int]],
         path: PNG to write.
         class_names: names for ``labels``/``predictions`` (default: the class index).
         labels, predictions: optional per-image class ids, shown above the image.
+        input_pad: the model's ``input_pad``: the grid covers the image plus this border, drawn
+            around it so the tiles sit where the model's patches are.
+        layer_captions: per layer, text under its column title (the trainer passes the
+            evaluation's specialisation: max expert share, NMI with class and with position).
 
     Returns:
         ``path`` as a ``Path``.
@@ -142,6 +147,9 @@ def routing_maps(images_BCHW: Any, layer_routes: Sequence[tuple[Any, int, int]],
         for col in range(cols):
             ax = axes[b, col]
             ax.imshow(shown, cmap=cmap, vmin=0.0, vmax=1.0, extent=(0, W, H, 0), interpolation="nearest")
+            if input_pad:
+                ax.set_xlim(-input_pad, W + input_pad)
+                ax.set_ylim(H + input_pad, -input_pad)
             ax.set_xticks([])
             ax.set_yticks([])
             if col == 0:
@@ -152,14 +160,17 @@ def routing_maps(images_BCHW: Any, layer_routes: Sequence[tuple[Any, int, int]],
             expert, weight = maps[col - 1][0][b], maps[col - 1][1][b]
             overlay = colors[expert].copy()  # [Hg, Wg, 4]
             overlay[..., 3] = weight * _MAX_OVERLAY_ALPHA
-            ax.imshow(overlay, extent=(0, W, H, 0), interpolation="nearest")
+            p, Hp, Wp = input_pad, H + 2 * input_pad, W + 2 * input_pad
+            ax.imshow(overlay, extent=(-p, W + p, H + p, -p), interpolation="nearest")
             grid_h, grid_w = expert.shape
             for gy in range(1, grid_h):
-                ax.axhline(gy * H / grid_h, color="white", linewidth=0.5)
+                ax.axhline(gy * Hp / grid_h - p, color="white", linewidth=0.5)
             for gx in range(1, grid_w):
-                ax.axvline(gx * W / grid_w, color="white", linewidth=0.5)
+                ax.axvline(gx * Wp / grid_w - p, color="white", linewidth=0.5)
             if b == 0:
-                ax.set_title(f"layer {col - 1} ({grid_h}x{grid_w})", fontsize=8)
+                caption = layer_captions[col - 1] if layer_captions and col - 1 < len(layer_captions) else ""
+                ax.set_title(f"layer {col - 1} ({grid_h}x{grid_w})" + (f"\n{caption}" if caption else ""),
+                             fontsize=8 if not caption else 6)
     if num_experts:
         from matplotlib.patches import Patch
 

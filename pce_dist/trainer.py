@@ -358,7 +358,7 @@ class Trainer:
             log.info("%s at epoch %d/%d (step %d): accuracy %.4f, loss %.4f", split, epochs_done,
                      self.num_epochs, self.state.global_step, metrics[names.split_metric(prefix, "accuracy")],
                      metrics[names.split_metric(prefix, "loss")])
-        self._plots(split, sums.cm_KK)
+        self._plots(split, sums.cm_KK, metrics, prefix)
         self.last_eval = metrics
         model.train(was_training)
         return metrics
@@ -371,7 +371,7 @@ class Trainer:
             self._fixed = self._to_device(x[:n], y[:n])
         return self._fixed
 
-    def _plots(self, split: str, cm_KK: torch.Tensor) -> None:
+    def _plots(self, split: str, cm_KK: torch.Tensor, metrics: dict[str, float], prefix: str) -> None:
         """Routing maps, usage over time, thresholds, confusion matrix -> MLflow artifacts.
 
         Every rank runs the forward on its fixed images (it contains all-to-all collectives);
@@ -396,7 +396,9 @@ class Trainer:
                 plots.routing_maps(x.float().cpu(), [(r.weights_NE.float().cpu(), layer.extractor.grid_h,
                                                       layer.extractor.grid_w) for r, layer in zip(out.routes, layers)],
                                    step_dir / "routing_maps.png", class_names=class_names, labels=y.tolist(),
-                                   predictions=out.logits_BK.argmax(1).tolist())
+                                   predictions=out.logits_BK.argmax(1).tolist(), input_pad=self.cfg.model.input_pad,
+                                   layer_captions=[names.specialisation_caption(metrics, prefix, i)
+                                                   for i in range(len(out.routes))])
                 plots.threshold_histogram([r.threshold_N.float().cpu() for r in out.routes],
                                           step_dir / "thresholds.png")
                 steps_T, usage_TLE = names.usage_over_time(self.history, len(out.routes), self.cfg.model.num_experts)

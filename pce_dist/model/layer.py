@@ -35,7 +35,8 @@ class PCELayer(nn.Module):
         super().__init__()
         self.num_experts = num_experts
         self.extractor = PatchExtractor(patch_size, map_size)
-        self.router = Router(in_channels + 4, num_experts, router)
+        self.router_channels = in_channels + 4 if router.position else in_channels  # a prefix of the patch's
+        self.router = Router(self.router_channels, num_experts, router)
         self.experts = nn.ModuleDict({
             str(e): ConvExpert(in_channels + 4, out_channels, kernel_size=expert.kernel,
                                norm=expert.norm, dropout=expert.dropout, bucket_rows=expert.pad_batches)
@@ -54,7 +55,7 @@ class PCELayer(nn.Module):
         patches_BPCnn = self.extractor(x_BCHW)
         B, P, C, n, _ = patches_BPCnn.shape
         patches_NCnn = patches_BPCnn.reshape(B * P, C, n, n)
-        routes = self.router(patches_NCnn)
+        routes = self.router(patches_NCnn[:, :self.router_channels])  # a view: content (+ position) channels
         y_NCnn = self.dispatcher(patches_NCnn, routes.weights_NE, self.experts)
         y_BCHW = self.extractor.reassemble(y_NCnn.reshape(B, P, *y_NCnn.shape[1:]))
         return self.out_proj(y_BCHW), routes

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ..config import ModelConfig, feature_map_sizes
 from .experts import make_norm
@@ -55,6 +56,9 @@ class PCENet(nn.Module):
         self.head = nn.Linear(head_dim, cfg.num_classes)
 
     def forward(self, x_BCHW: torch.Tensor) -> PCEOutput:
+        if self.cfg.input_pad:  # replicate, not zeros: a constant border would be a false edge
+            pad = self.cfg.input_pad
+            x_BCHW = F.pad(x_BCHW, (pad, pad, pad, pad), mode="replicate")
         h = self.stem(x_BCHW)
         routes: list[RouteResult] = []
         for down, layer in zip(self.downsample, self.layers):

@@ -43,6 +43,7 @@ class RouterSpec:
     gate: str = "renormalized"  # see ModelConfig.gate
     center: bool = False  # see ModelConfig.router_center
     select_bias: bool = False  # a selection bias buffer exists (ModelConfig.bias_balance_rate > 0)
+    position: bool = True  # see ModelConfig.router_position
 
     @property
     def embed_dim(self) -> int:
@@ -55,4 +56,5 @@ class RouterSpec:
                    temperature=cfg.temperature,
                    wth=ThresholdWeights(max=cfg.wth_max, entropy=cfg.wth_entropy, gap=cfg.wth_gap),
                    mask_sharpness=cfg.mask_sharpness, ema_alpha=cfg.key_ema_alpha, gate=cfg.gate,
-                   center=cfg.router_center, select_bias=cfg.bias_balance_rate > 0)
+                   center=cfg.router_center, select_bias=cfg.bias_balance_rate > 0,
+                   position=cfg.router_position)

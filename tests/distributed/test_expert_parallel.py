@@ -137,7 +137,8 @@ def _expected_traffic(results, num_experts, ep_size, out_channels, backward: boo
 
 _ROUTING = {"seed": (), "gate=probs": ("model.gate=probs",), "centred": ("model.router_center=true",),
             "bias": ("model.bias_balance_rate=0.05",),
-            "all": ("model.gate=probs", "model.router_center=true", "model.bias_balance_rate=0.05")}
+            "all": ("model.gate=probs", "model.router_center=true", "model.bias_balance_rate=0.05",
+                    "model.router_position=false")}
 
 
 @pytest.mark.parametrize("num_experts,norm,ep_size,routing", [

@@ -26,6 +26,8 @@ def test_yaml_then_cli_overrides(tmp_path):
     (["model.num_experts=0"], "model.num_experts"),
     (["model.patch_sizes=[5,7]"], "model.patch_sizes[0]"),
     (["model.patch_sizes=[14]"], "model.patch_sizes"),
+    (["model.input_pad=-1"], "model.input_pad"),
+    (["model.input_pad=1", "model.patch_sizes=[14,7]"], "model.patch_sizes[0]"),  # 30x30 map
     (["model.num_expertz=3"], "model.num_expertz"),
     (["model.num_experts=four"], "model.num_experts"),
     (["model.num_experts=2.5"], "model.num_experts"),

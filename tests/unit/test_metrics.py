@@ -291,3 +291,11 @@ def test_training_and_evaluation_share_one_router_schema(tiny_model):
     assert {k.replace("router/train/", "router/val/") for k in train} <= evaluated
     assert all(re.fullmatch(r"router/val/layer\d+/(usage/expert\d+|entropy|threshold|experts_per_patch|collapse)",
                             k) for k in evaluated)
+
+
+def test_specialisation_caption_reads_the_evaluation_metrics():
+    from pce_dist import metrics as m
+    values = {m.router_stat("val", 1, "max_share"): 0.4, m.router_stat("val", 1, "nmi_class"): 0.123,
+              m.router_stat("val", 1, "nmi_position"): 0.05}
+    assert m.specialisation_caption(values, "val", 1) == "max share 0.40\nNMI class 0.12 / pos 0.05"
+    assert m.specialisation_caption(values, "val", 0) == ""  # a layer without the metrics: no caption

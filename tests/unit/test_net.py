@@ -14,6 +14,7 @@ from pce_dist.model import PCENet, build_model, pce_loss
       "model.patch_sizes=[8,4]", "model.downsample=[false,true]"], (2, 3, 32, 32)),
     (["model.image_size=8", "model.patch_sizes=[4,2]", "model.channels=[8,16]", "model.num_experts=8"], (2, 1, 8, 8)),
     (["model.kind=dense"], (2, 1, 28, 28)),
+    (["model.input_pad=2", "model.patch_sizes=[8,4]", "model.downsample=[true,true]"], (2, 1, 28, 28)),
     (["model.expert_norm=group", "model.channels=[8,8,8]", "model.patch_sizes=[14,7,2]",
       "model.downsample=[false,false,true]"], (2, 1, 28, 28)),
 ])
@@ -29,6 +30,20 @@ def test_forward_backward_shapes(overrides, shape):
     loss.total.backward()
     assert torch.isfinite(loss.total)
     assert model.head.weight.grad is not None
+
+
+def test_input_pad_gives_the_last_layer_several_patches_and_replicates_the_border():
+    """28 -> pad 2 -> 32 -> 16 -> 8: layers of 2x2 and 2x2 patches where 28 -> 14 -> 7 has one."""
+    cfg = load_config(None, ["model.input_pad=2", "model.patch_sizes=[8,4]", "model.downsample=[true,true]"])
+    model = build_model(cfg.model)
+    assert model.patches_per_image() == [4, 4]
+    plain = build_model(load_config(None, ["model.patch_sizes=[7,7]", "model.downsample=[true,true]"]).model)
+    assert plain.patches_per_image() == [4, 1]
+    # a constant image stays constant through replicate padding: the stem sees no border edge
+    seen = {}
+    model.stem.register_forward_pre_hook(lambda mod, inp: seen.update(x=inp[0]))
+    model.eval()(torch.full((1, 1, 28, 28), -0.8))
+    assert seen["x"].shape == (1, 1, 32, 32) and torch.all(seen["x"] == -0.8)
 
 
 def test_keys_get_gradients_only_in_phase_two():

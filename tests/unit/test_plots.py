@@ -67,6 +67,19 @@ def test_routing_maps_colour_patches_by_top_expert(tmp_path):
         assert (np.abs(pixels - tile).max(1) <= 2).sum() > 1000, rgba
 
 
+def test_routing_maps_draw_the_padded_grid_and_the_layer_captions(tmp_path):
+    """With the model's input_pad the tiles extend past the image (where the patches are), and a
+    caption makes the column title taller; the figure keeps its size."""
+    weights_NE = torch.eye(4)
+    plain = plots.routing_maps(torch.zeros(1, 1, 8, 8), [(weights_NE, 2, 2)], tmp_path / "a.png")
+    padded = plots.routing_maps(torch.zeros(1, 1, 8, 8), [(weights_NE, 2, 2)], tmp_path / "b.png", input_pad=2,
+                                layer_captions=["max share 0.25\nNMI class 0.10 / pos 0.90"])
+    assert _open_png(plain).size == _open_png(padded).size
+    a = np.asarray(_open_png(plain).convert("RGB")).astype(int)
+    b = np.asarray(_open_png(padded).convert("RGB")).astype(int)
+    assert (np.abs(a - b).sum(-1) > 30).mean() > 0.01  # the panel differs, not only by a few pixels
+
+
 def test_routing_maps_rejects_mismatched_routes(tmp_path):
     with pytest.raises(ValueError, match="does not match"):
         plots.routing_maps(torch.zeros(2, 1, 8, 8), [(torch.ones(4, 4), 2, 2)], tmp_path / "r.png")

@@ -6,6 +6,8 @@
   key init, moved by an EMA).
 * ``model.bias_balance_rate``: the selection bias moves load toward uniform on a skewed batch,
   changes the selection only (weights stay the unbiased probabilities), and is a checkpointed buffer.
+* ``model.router_position=false``: the router sees content only -- identical patches at
+  different places route identically; with the seed's positional channels they do not.
 * the specialisation metrics equal hand-computed values and scikit-learn's NMI.
 """
 
@@ -121,6 +123,20 @@ def test_centring_subtracts_the_running_mean_from_the_embeddings():
     router.update_center(torch.zeros(router.embed_dim), torch.tensor(0.0))  # an empty batch: unchanged
     torch.testing.assert_close(router.center_mean, 0.99 * mean_D + 0.01 * (mean_D + 1))
     assert "center_mean" in router.state_dict()
+
+
+@pytest.mark.parametrize("sees_position", [True, False])
+def test_a_router_without_positional_channels_routes_identical_patches_alike(sees_position):
+    from pce_dist.model import PCELayer
+
+    torch.manual_seed(0)
+    layer = PCELayer(3, 4, patch_size=4, map_size=8, num_experts=4,
+                     router=RouterSpec(dim=4, spp_levels=(1, 2), position=sees_position)).eval()
+    assert layer.router.proj.in_channels == (3 + 4 if sees_position else 3)
+    x_BCHW = torch.randn(1, 3, 4, 4).repeat(1, 1, 2, 2)  # four identical 4x4 patches
+    _, routes = layer(x_BCHW)
+    spread = (routes.weights_NE - routes.weights_NE[:1]).abs().max().item()
+    assert (spread > 1e-3) if sees_position else (spread < 1e-6)
 
 
 def test_centred_key_init_separates_what_the_raw_embeddings_blur():
