@@ -70,7 +70,7 @@ import numpy as np
 import torch
 
 from . import compat, optim_state
-from .config import RunConfig, to_dict
+from .config import ModelConfig, RunConfig, to_dict
 from .distributed import norm_stats
 from .distributed.env import DistEnv
 from .model.net import is_expert_name
@@ -84,9 +84,9 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 3
 # Model keys that change tensor shapes or the function computed: a checkpoint is refused
 # when one of these differs from the config.
-ARCHITECTURE_KEYS = ("kind", "in_channels", "image_size", "input_pad", "num_classes", "stem_channels", "stem_norm", "channels",
-                     "patch_sizes", "downsample", "num_experts", "expert_kernel", "expert_norm", "router_dim",
-                     "spp_levels", "spp_pool", "head_spp_levels", "router_position")
+ARCHITECTURE_KEYS = ("kind", "in_channels", "image_size", "input_pad", "num_classes", "stem_channels", "stem_norm",
+                     "channels", "patch_sizes", "downsample", "num_experts", "expert_kernel", "expert_norm",
+                     "router_dim", "router_position", "spp_levels", "spp_pool", "head_spp_levels")
 SHARED_FILE = "shared.pt"
 _STEP_DIR = re.compile(r"step_\d{8,}")
 _META_KEYS = ("format", "global_step", "world_size", "ep_size", "zero_stage", "portable_optimizer", "batch_size",
@@ -653,10 +653,12 @@ class Checkpointer:
     # ------------------------------------------------------------------ load
 
     def check_compatible(self, meta: dict, path: Path) -> None:
-        saved = meta["config"]["model"]
+        saved, defaults = meta["config"]["model"], ModelConfig()
         for key in ARCHITECTURE_KEYS:
-            if saved.get(key) != getattr(self.cfg.model, key):
-                raise ValueError(f"checkpoint {path} was saved with model.{key}={saved.get(key)!r}, but the config "
+            # a key newer than the checkpoint had its default then (input_pad, router_position)
+            was = saved.get(key, getattr(defaults, key))
+            if was != getattr(self.cfg.model, key):
+                raise ValueError(f"checkpoint {path} was saved with model.{key}={was!r}, but the config "
                                  f"has model.{key}={getattr(self.cfg.model, key)!r}; they are incompatible")
 
     def load(self, path: Path, model: torch.nn.Module, engine: Any):

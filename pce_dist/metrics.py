@@ -137,7 +137,7 @@ def is_compared_specialisation(key: str) -> bool:
 
 
 def specialisation_caption(metrics: dict[str, float], prefix: str, layer: int) -> str:
-    """``"max share 0.31 | NMI class 0.22 / position 0.04"`` for a layer, from evaluation metrics;
+    """``"max share 0.31\\nNMI class 0.22 / pos 0.04"`` for a layer, from evaluation metrics;
     "" when they are missing. The routing figure's panel titles: place versus content at a glance."""
     keys = [router_stat(prefix, layer, s) for s in _COMPARED_SPECIALISATION]
     if not all(k in metrics for k in keys):

@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.routing_png:
         plots.routing_maps(x_BCHW, [(w.float(), gh, gw) for w, gh, gw in layers], args.routing_png,
-                           class_names=exported.class_names, predictions=[p.top[0][0] for p in preds])
+                           class_names=exported.class_names, predictions=[p.top[0][0] for p in preds],
+                           input_pad=exported.model.cfg.input_pad)
     if args.json:
         print(json.dumps({"model": args.model, "predictions": [
             {"image": p.image, "top": [{"index": i, "class": n, "probability": q} for i, n, q in p.top],

@@ -163,6 +163,20 @@ def test_format1_checkpoint_without_checksums_still_loads(tmp_path):
     assert step == 2 and draw == np.random.RandomState(123).random_sample()
 
 
+def test_checkpoint_from_before_a_new_architecture_key_loads(tmp_path):
+    """A checkpoint whose config predates ``model.input_pad`` / ``model.router_position`` was
+    saved with their defaults: it resumes under a config that has the defaults."""
+    run_dir = tmp_path / "run"
+    spawn(_train_and_save, 1, args=(str(run_dir), [], 2), timeout_s=120)
+    meta_path = run_dir / "checkpoints" / "step_00000002" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    for key in ("input_pad", "router_position"):
+        del meta["config"]["model"][key]
+    meta_path.write_text(json.dumps(meta))
+    step, _ = spawn(_resume_numpy_draw, 1, args=(str(run_dir),), timeout_s=60)[0]
+    assert step == 2
+
+
 def _norm_stats_before_and_after_sync(rank, world, run_dir):
     cfg, env, model, engine, _ = _setup(world, run_dir, ["dist.ep_size=2", "model.expert_norm=batch",
                                                          "model.stem_norm=batch"])
