@@ -137,13 +137,14 @@ def _expected_traffic(results, num_experts, ep_size, out_channels, backward: boo
 
 _ROUTING = {"seed": (), "gate=probs": ("model.gate=probs",), "centred": ("model.router_center=true",),
             "bias": ("model.bias_balance_rate=0.05",),
-            "all": ("model.gate=probs", "model.router_center=true", "model.bias_balance_rate=0.05",
-                    "model.router_position=false")}
+            "all": ("model.gate=probs", "model.router_center=true", "model.bias_balance_rate=0.05"),
+            "content": ("model.router_position=false", "model.router_center=true")}
 
 
 @pytest.mark.parametrize("num_experts,norm,ep_size,routing", [
     (4, "group", 2, "seed"), (4, "batch", 2, "seed"), (2, "batch", 2, "seed"), (4, "group", 1, "seed"),
-    (4, "group", 2, "gate=probs"), (4, "group", 2, "centred"), (4, "group", 2, "bias"), (4, "group", 2, "all")])
+    (4, "group", 2, "gate=probs"), (4, "group", 2, "centred"), (4, "group", 2, "bias"), (4, "group", 2, "all"),
+    (4, "group", 2, "content")])
 def test_ep_model_matches_single_process(num_experts, norm, ep_size, routing):
     ref = _reference(num_experts, norm, _ROUTING[routing])
     results = spawn(_ep_worker, 2, args=(num_experts, norm, ep_size, _ROUTING[routing]), timeout_s=120)
