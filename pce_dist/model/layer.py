@@ -35,7 +35,9 @@ class PCELayer(nn.Module):
         super().__init__()
         self.num_experts = num_experts
         self.extractor = PatchExtractor(patch_size, map_size)
-        self.router_channels = in_channels + 4 if router.position else in_channels  # a prefix of the patch's
+        # The router reads the first ``router_channels`` of each patch: content, then (unless
+        # model.router_position=false) the 4 positional channels the experts always get.
+        self.router_channels = in_channels + 4 if router.position else in_channels
         self.router = Router(self.router_channels, num_experts, router)
         self.experts = nn.ModuleDict({
             str(e): ConvExpert(in_channels + 4, out_channels, kernel_size=expert.kernel,
