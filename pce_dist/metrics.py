@@ -24,6 +24,13 @@ Schema. ``<p>`` is the phase prefix: ``train`` for training, ``eval`` for
                                                              the patch position: content vs place (evaluations)
     perf/img_per_s, perf/step_time_s
     comm/routed_bytes_per_step, comm/dispatch_bytes_per_step, comm/return_bytes_per_step
+    dispatch/expert_patches_per_step                         patches the experts of one rank compute per
+                                                             optimizer step, mean over ranks, all layers
+    dispatch/rank_imbalance                                  sum over layers of the busiest rank's expert
+                                                             patches / sum of the mean: the factor by which
+                                                             the step waits on the slowest rank (1 = balanced)
+    dispatch/layer<l>/rank_imbalance                         the same for one layer: max / mean over ranks
+    dispatch/layer<l>/dropped_fraction                       selected pairs capacity dispatch dropped
     keyinit/seconds_total, keyinit/layer<l>/objective, keyinit/layer<l>/kmeans_seconds,
     keyinit/layer<l>/mean_nearest_cos                        the k-means sample's mean cosine to its nearest key
     data/<count>                                             samples_skipped, samples_padded, shards_failed, ...
@@ -103,6 +110,43 @@ PERF_STEP_TIME_S = "perf/step_time_s"  # per optimizer step
 COMM_ROUTED_BYTES = "comm/routed_bytes_per_step"
 COMM_DISPATCH_BYTES = "comm/dispatch_bytes_per_step"
 COMM_RETURN_BYTES = "comm/return_bytes_per_step"
+
+DISPATCH_EXPERT_PATCHES = "dispatch/expert_patches_per_step"
+DISPATCH_RANK_IMBALANCE = "dispatch/rank_imbalance"
+DISPATCH_LAYER_STATS = ("rank_imbalance", "dropped_fraction")
+
+
+def dispatch_layer(layer: int, stat: str) -> str:
+    """``dispatch/layer<l>/<stat>`` for a ``stat`` of ``DISPATCH_LAYER_STATS``."""
+    if stat not in DISPATCH_LAYER_STATS:
+        raise ValueError(f"unknown dispatch statistic {stat!r}; one of {DISPATCH_LAYER_STATS}")
+    return f"dispatch/layer{layer}/{stat}"
+
+
+def dispatch_metrics(rows_RL: Sequence[Sequence[float]], pairs_L: Sequence[float], dropped_L: Sequence[float],
+                     steps: int) -> dict[str, float]:
+    """Expert work per rank and drops of one log interval.
+
+    Args:
+        rows_RL: patches rank r's experts computed in layer l over the interval (every rank's row).
+        pairs_L, dropped_L: selected and dropped (patch, expert) pairs per layer, summed over ranks.
+        steps: optimizer steps in the interval.
+
+    Why the whole-step imbalance sums the per-layer maxima: every layer's all-to-all waits for
+    the slowest rank of that layer, so the step costs the sum of the layers' slowest ranks.
+    """
+    if not rows_RL or not rows_RL[0]:
+        return {}
+    num_ranks, num_layers = len(rows_RL), len(rows_RL[0])
+    mean_L = [sum(r[layer] for r in rows_RL) / num_ranks for layer in range(num_layers)]
+    max_L = [max(r[layer] for r in rows_RL) for layer in range(num_layers)]
+    out = {DISPATCH_EXPERT_PATCHES: sum(mean_L) / max(1, steps),
+           DISPATCH_RANK_IMBALANCE: sum(max_L) / sum(mean_L) if sum(mean_L) else 1.0}
+    for layer in range(num_layers):
+        out[dispatch_layer(layer, "rank_imbalance")] = max_L[layer] / mean_L[layer] if mean_L[layer] else 1.0
+        out[dispatch_layer(layer, "dropped_fraction")] = dropped_L[layer] / pairs_L[layer] if pairs_L[layer] else 0.0
+    return out
+
 
 KEYINIT_SECONDS_TOTAL = "keyinit/seconds_total"
 

@@ -34,7 +34,7 @@ from . import metrics as names
 from .config import RunConfig
 from .distributed import norm_stats
 from .distributed.env import DistEnv
-from .distributed.expert_parallel import traffic_stats
+from .distributed.expert_parallel import take_dispatch_stats
 from .grad_norm import GradClipper
 from .keyinit import init_keys
 from .keys import KeyUpdater
@@ -321,15 +321,29 @@ class Trainer:
 
     def _log_train(self, acc: names.TrainAccumulator, bar) -> None:
         interval = acc.reduce(self._all_reduce, self.env.world_size)  # one all-reduce, one host sync
+        traffic, work_L3 = take_dispatch_stats(self.model, self.device)
         metrics = names.train_metrics(interval, lr=self.engine.get_lr()[0], epoch=self.state.epoch,
                                       phase=2 if self.in_phase2(self.state.epoch) else 1,
-                                      grad_accum=self.cfg.train.grad_accum, traffic=traffic_stats(self.model))
+                                      grad_accum=self.cfg.train.grad_accum, traffic=traffic)
+        metrics.update(self._dispatch_metrics(work_L3, max(1, interval.micro_steps // self.cfg.train.grad_accum)))
         self.tracker.log_metrics(metrics, step=self.state.global_step)
         if self.env.is_main:
             self.history.append({"step": self.state.global_step, **metrics})
             if bar is not None:
                 bar.set_postfix(loss=f"{interval.loss:.3f}", acc=f"{interval.accuracy:.3f}",
                                 img_s=f"{metrics[names.PERF_IMG_PER_S]:.0f}", refresh=False)
+
+    def _dispatch_metrics(self, work_L3: torch.Tensor, steps: int) -> dict[str, float]:
+        """Every rank's expert work per layer and the drops: one all-reduce (each rank writes
+        its own row of a ``[world, L]`` table) and one host copy, at log intervals only."""
+        world, num_layers = self.env.world_size, work_L3.shape[0]
+        if not num_layers:
+            return {}
+        table = torch.zeros(world + 2, num_layers, device=work_L3.device)
+        table[self.env.rank] = work_L3[:, 0]
+        table[world:] = work_L3[:, 1:].t()
+        rows = self._all_reduce(table).tolist()
+        return names.dispatch_metrics(rows[:world], rows[world], rows[world + 1], steps)
 
     # ------------------------------------------------------------------ evaluation
 

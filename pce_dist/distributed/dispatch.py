@@ -21,7 +21,7 @@ reverse all-to-all. A rank with nothing to send or receive still joins every col
 Traffic is measured, not derived: every exchange goes through ``_all_to_all``, the one
 call of ``all_to_all_single`` here, which counts the bytes of the input tensor it hands
 over that are addressed to *other* ranks (the slice a rank sends itself is a local copy).
-``TrafficStats.routed_bytes`` is the independent figure: routed pairs to remote experts
+``DispatchStats.routed_bytes`` is the independent figure: routed pairs to remote experts
 times the bytes of one patch, computed from the counts.
 
 Shape legend: N items, E experts (global), M routed pairs sent, R rows received.
@@ -30,34 +30,11 @@ Shape legend: N items, E experts (global), M routed pairs sent, R rows received.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..model.dispatch import combine, plan_routes, run_experts
-
-
-@dataclass
-class TrafficStats:
-    """Traffic to *other* ranks, accumulated until ``reset``.
-
-    ``routed_bytes``: the payload of the routed patches that leave this rank, computed from
-    the routing counts; ``dispatch_bytes``: what the forward dispatch exchanges (counts and
-    patches) actually handed to ``all_to_all_single`` for other ranks; ``return_bytes``:
-    the same for the results travelling back; ``backward_bytes``: both reverse exchanges
-    of the backward pass.
-    """
-
-    routed_bytes: int = 0
-    dispatch_bytes: int = 0
-    return_bytes: int = 0
-    backward_bytes: int = 0
-    calls: int = 0
-
-    def reset(self) -> None:
-        self.routed_bytes = self.dispatch_bytes = self.return_bytes = self.backward_bytes = self.calls = 0
+from ..model.dispatch import DispatchStats, capacity, combine, plan_routes, plan_slots, run_expert_slots, run_experts
 
 
 def _bytes_to_others(x: torch.Tensor, input_splits: list[int] | None, group) -> int:
@@ -72,7 +49,7 @@ def _bytes_to_others(x: torch.Tensor, input_splits: list[int] | None, group) -> 
 
 
 def _all_to_all(out: torch.Tensor, x: torch.Tensor, output_splits: list[int] | None,
-                input_splits: list[int] | None, group, stats: TrafficStats | None, field: str) -> None:
+                input_splits: list[int] | None, group, stats: DispatchStats | None, field: str) -> None:
     """The dispatcher's only ``all_to_all_single``; adds what ``x`` sends to other ranks to
     ``stats.<field>``."""
     x = x.contiguous()
@@ -95,7 +72,7 @@ class _AllToAll(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, output_splits: list[int], input_splits: list[int], group, anchor,
-                stats: TrafficStats | None, field: str):
+                stats: DispatchStats | None, field: str):
         ctx.group, ctx.output_splits, ctx.input_splits, ctx.stats = group, output_splits, input_splits, stats
         out = x.new_empty((sum(output_splits), *x.shape[1:]))
         _all_to_all(out, x, output_splits, input_splits, group, stats, field)
@@ -116,13 +93,16 @@ class AllToAllDispatcher:
         self.ep_size = ep_size
         self.ep_rank = ep_rank
         self.local_expert_ids = list(local_expert_ids)
-        self.stats = TrafficStats()
+        self.stats = DispatchStats()
+
+    def _check_experts(self, experts: nn.ModuleDict) -> None:
+        if sorted(int(k) for k in experts.keys()) != self.local_expert_ids:
+            raise ValueError(f"rank hosts experts {sorted(experts.keys())}, expected {self.local_expert_ids}")
 
     def __call__(self, x_NCnn: torch.Tensor, weights_NE: torch.Tensor, experts: nn.ModuleDict) -> torch.Tensor:
         N, E = weights_NE.shape
         ep, e_local = self.ep_size, E // self.ep_size
-        if sorted(int(k) for k in experts.keys()) != self.local_expert_ids:
-            raise ValueError(f"rank hosts experts {sorted(experts.keys())}, expected {self.local_expert_ids}")
+        self._check_experts(experts)
 
         # 1. counts: send[e] pairs for global expert e; recv[s*E_local + j] from source s for local j.
         send_counts_E = (weights_NE > 0).sum(dim=0)
@@ -152,6 +132,53 @@ class AllToAllDispatcher:
         # 4. results back home, weighted and summed per patch.
         y_MCnn = _AllToAll.apply(y_RCnn, input_splits, output_splits, self.group, anchor, self.stats, "return_bytes")
         row_bytes = x_MCnn.element_size() * math.prod(x_MCnn.shape[1:])
-        self.stats.routed_bytes += (sum(input_splits) - input_splits[self.ep_rank]) * row_bytes
-        self.stats.calls += 1
+        self.stats.count(experts.training, routed_bytes=(sum(input_splits) - input_splits[self.ep_rank]) * row_bytes,
+                         expert_rows=sum(recv), pairs=sum(send))
         return combine(y_MCnn, plan.item_M, plan.weight_M, N)
+
+
+class AllToAllCapacityDispatcher(AllToAllDispatcher):
+    """Capacity dispatch across EP ranks (``model.dispatch=capacity``): no host sync, equal splits.
+
+    Each rank fills ``E`` buffers of ``capacity(N_local)`` slots (``plan_slots``); the buffers
+    are expert-major, so rank d's experts' buffers are one contiguous block and one
+    equal-split all-to-all sends every block to its rank -- the empty slots travel too (that
+    is the price of static shapes: ``capacity_factor`` times the balanced load, whatever the
+    routing). The slots' validity (which rows are pairs) travels alongside, one byte a slot,
+    so the experts' BatchNorm statistics leave the empty ones out. A local expert then runs
+    once on its slots from every source rank, ``ep * capacity`` rows; the results go back
+    by the reverse exchange and are weighted at home, as in the dropless path.
+    Per-rank expert work is bounded by ``e_local * ep * capacity`` rows, so no rank can be
+    loaded more than ``capacity_factor`` times the balanced share.
+    """
+
+    def __init__(self, group, ep_size: int, ep_rank: int, local_expert_ids: list[int], capacity_factor: float) -> None:
+        super().__init__(group, ep_size, ep_rank, local_expert_ids)
+        self.capacity_factor = capacity_factor
+
+    def __call__(self, x_NCnn: torch.Tensor, weights_NE: torch.Tensor, experts: nn.ModuleDict) -> torch.Tensor:
+        N, E = weights_NE.shape
+        ep, e_local = self.ep_size, E // self.ep_size
+        self._check_experts(experts)
+        plan = plan_slots(weights_NE, capacity(N, E, self.capacity_factor))
+        slots = plan.capacity
+        splits = [e_local * slots] * ep  # equal: known from the shapes, never from the routing
+        x_SCnn = x_NCnn.index_select(0, plan.item_S)
+        anchor = x_NCnn.new_zeros((), requires_grad=True)
+        # received [source rank, local expert, slot] -> [local expert, source rank * slot]
+        x_RCnn = _AllToAll.apply(x_SCnn, splits, splits, self.group, anchor, self.stats, "dispatch_bytes")
+        valid_R = torch.empty(E * slots, dtype=torch.uint8, device=x_NCnn.device)
+        _all_to_all(valid_R, plan.valid_S.to(torch.uint8), splits, splits, self.group, self.stats, "dispatch_bytes")
+        row_shape = x_RCnn.shape[1:]
+        by_expert_RCnn = x_RCnn.reshape(ep, e_local, slots, *row_shape).transpose(0, 1).reshape(E * slots, *row_shape)
+        valid_by_expert_R = valid_R.reshape(ep, e_local, slots).transpose(0, 1).reshape(-1).bool()
+        y_RCnn = run_expert_slots(by_expert_RCnn, valid_by_expert_R, self.local_expert_ids, experts)
+        out_shape = y_RCnn.shape[1:]
+        y_RCnn = y_RCnn.reshape(e_local, ep, slots, *out_shape).transpose(0, 1).reshape(E * slots, *out_shape)
+        y_SCnn = _AllToAll.apply(y_RCnn, splits, splits, self.group, anchor, self.stats, "return_bytes")
+        row_bytes = x_SCnn.element_size() * math.prod(row_shape)
+        mine = slice(self.ep_rank * e_local * slots, (self.ep_rank + 1) * e_local * slots)
+        remote_pairs = plan.valid_S.sum() - plan.valid_S[mine].sum()
+        self.stats.count(experts.training, routed_bytes=remote_pairs * row_bytes,
+                         expert_rows=valid_by_expert_R.sum(), pairs=plan.pairs, dropped=plan.dropped)
+        return combine(y_SCnn, plan.item_S, plan.weight_S, N)

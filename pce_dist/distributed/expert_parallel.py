@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import functools
 
+import torch
 from torch import nn
 
 from .. import compat
 from ..model.net import PCENet
-from .dispatch import AllToAllDispatcher
+from .dispatch import AllToAllCapacityDispatcher, AllToAllDispatcher
 from .env import DistEnv
 
 
@@ -61,7 +62,10 @@ def parallelize_experts(model: PCENet, env: DistEnv) -> PCENet:
     for layer in layers:
         local_ids = env.local_expert_ids(layer.num_experts)
         layer.keep_experts(local_ids)
-        if env.ep_size > 1:
+        if env.ep_size > 1 and layer.dispatch_mode == "capacity":
+            layer.dispatcher = AllToAllCapacityDispatcher(env.ep_group, env.ep_size, env.ep_rank, local_ids,
+                                                          layer.capacity_factor)
+        elif env.ep_size > 1:
             layer.dispatcher = AllToAllDispatcher(env.ep_group, env.ep_size, env.ep_rank, local_ids)
         for param in layer.experts.parameters():
             param.allreduce = False
@@ -71,18 +75,33 @@ def parallelize_experts(model: PCENet, env: DistEnv) -> PCENet:
     return model
 
 
-def traffic_stats(model: PCENet) -> dict[str, int]:
-    """Sum and reset the all-to-all traffic counters of every layer (host ints, no sync).
+TRAFFIC_FIELDS = ("routed_bytes", "dispatch_bytes", "return_bytes", "backward_bytes")
+WORK_FIELDS = ("expert_rows", "pairs", "dropped")  # the columns of ``take_dispatch_stats``'s work tensor
 
-    ``dispatch_bytes``/``return_bytes``/``backward_bytes`` are measured at the dispatcher's
-    ``all_to_all_single`` call (bytes handed over for other ranks); ``routed_bytes`` is the
-    routed-patch payload computed from the routing counts (see ``dispatch.TrafficStats``).
+
+def take_dispatch_stats(model: PCENet, device) -> tuple[dict[str, int], torch.Tensor]:
+    """This rank's dispatch counters since the last call, summed over layers where that is
+    meaningful, and reset: ``(traffic, work_L3)``.
+
+    ``traffic``: all-to-all bytes (``dispatch_bytes``/``return_bytes``/``backward_bytes``
+    measured at the dispatcher's ``all_to_all_single`` call, ``routed_bytes`` computed from
+    the routing counts; see ``model.dispatch.DispatchStats``), host ints. ``work_L3``: per
+    layer ``[expert_rows, pairs, dropped]`` as a float tensor on ``device`` -- the rows this
+    rank's experts computed, the pairs its router selected, the pairs capacity dispatch
+    dropped -- left on the device for the caller's all-reduce. Capacity dispatch keeps its
+    counters on the device; the one host copy here (of the routed bytes) is at a log
+    interval (one per layer), never in the forward.
     """
-    totals = {"routed_bytes": 0, "dispatch_bytes": 0, "return_bytes": 0, "backward_bytes": 0}
-    for layer in model.pce_layers():
-        stats = getattr(layer.dispatcher, "stats", None)
-        if stats is not None:
-            for key in totals:
-                totals[key] += getattr(stats, key)
-            stats.reset()
-    return totals
+    stats = [layer.dispatcher.stats for layer in model.pce_layers()]
+    rows = [[s.expert_rows, s.pairs, s.dropped] for s in stats]
+    work_L3 = (torch.stack([torch.stack([torch.as_tensor(v, device=device).float().reshape(()) for v in row])
+                            for row in rows]) if rows else torch.zeros(0, 3, device=device))
+    traffic = {key: sum(int(getattr(s, key)) for s in stats) for key in TRAFFIC_FIELDS}
+    for s in stats:
+        s.reset()
+    return traffic, work_L3
+
+
+def traffic_stats(model: PCENet) -> dict[str, int]:
+    """The all-to-all bytes of ``take_dispatch_stats`` (and, as it does, reset every counter)."""
+    return take_dispatch_stats(model, torch.device("cpu"))[0]

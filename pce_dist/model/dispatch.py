@@ -20,11 +20,22 @@ slice the gathered tensor, so there is exactly one device->host copy of E intege
 layer (the same counts the all-to-all must exchange anyway). ``nonzero_static`` is given
 the total so it does not sync a second time.
 
-Shape legend: N items, E experts, M routed (item, expert) pairs, C/C' channels, n side.
+Capacity dispatch (``model.dispatch=capacity``, ``CapacityDispatcher``): the same sum over
+the pairs that fit into a fixed buffer of ``capacity`` slots per expert, filled top-1 pairs
+first, then the others, each group in item order. Every shape is static -- the slot of a
+pair is a cumulative sum over the selection mask, the buffer one ``index_select`` -- so
+nothing is copied to the host, and a layer compiles with ``torch.compile(fullgraph=True)``.
+Empty slots carry a copy of item 0 that no weight multiplies; the experts leave them out of
+their BatchNorm statistics (``experts.masked_norm``). With nothing dropped it computes what
+the dropless path computes (tests/unit/test_capacity.py).
+
+Shape legend: N items, E experts, M routed (item, expert) pairs, S = E*capacity slots,
+C/C' channels, n side.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -87,21 +98,153 @@ def combine(y_MCnn: torch.Tensor, item_M: torch.Tensor, weight_M: torch.Tensor, 
     return out.index_add(0, item_M, weighted)
 
 
+@dataclass
+class DispatchStats:
+    """What one layer's dispatcher did since the last ``reset`` (read at log intervals).
+
+    ``expert_rows``: routed patches this process's experts computed (its share of the
+    layer's expert work); ``pairs``: (patch, expert) pairs the router selected on this
+    process; ``dropped``: those of them capacity dispatch left out. Host ints where the
+    dispatch knows them on the host anyway (dropless), device tensors otherwise (capacity:
+    reading them is the log interval's business, never the forward's). The traffic fields
+    are the expert-parallel dispatcher's (``pce_dist.distributed.dispatch``): ``routed_bytes``
+    the payload of routed patches that leave this rank, computed from the counts;
+    ``dispatch_bytes``/``return_bytes``/``backward_bytes`` what ``all_to_all_single`` was
+    handed for other ranks, measured at the call.
+    """
+
+    expert_rows: int | torch.Tensor = 0
+    pairs: int | torch.Tensor = 0
+    dropped: int | torch.Tensor = 0
+    routed_bytes: int | torch.Tensor = 0
+    dispatch_bytes: int = 0
+    return_bytes: int = 0
+    backward_bytes: int = 0
+
+    WORK = ("expert_rows", "pairs", "dropped")
+    FIELDS = ("expert_rows", "pairs", "dropped", "routed_bytes", "dispatch_bytes", "return_bytes", "backward_bytes")
+
+    def count(self, training: bool, **values) -> None:
+        """Add one forward's counts; the work fields only in training (evaluation is not a step's work)."""
+        for key, value in values.items():
+            if training or key not in self.WORK:
+                setattr(self, key, getattr(self, key) + (value.detach() if isinstance(value, torch.Tensor) else value))
+
+    def reset(self) -> None:
+        for key in self.FIELDS:
+            setattr(self, key, 0)
+
+
+def capacity(num_items: int, num_experts: int, capacity_factor: float) -> int:
+    """Slots per expert: ``ceil(capacity_factor * N / E)``, at most N (a patch selects an expert once)."""
+    return max(1, min(num_items, math.ceil(capacity_factor * num_items / num_experts)))
+
+
+@dataclass
+class SlotPlan:
+    """The selected pairs placed into ``E`` buffers of ``capacity`` slots, expert-major.
+
+    Attributes:
+        item_S: the item each slot reads (0 for an empty slot: a real row, never weighted).
+        weight_S: the routing weight of each slot's pair (0 for an empty slot).
+        valid_S: which slots hold a pair.
+        pairs: selected pairs (device scalar); dropped: those that did not fit.
+    """
+
+    item_S: torch.Tensor
+    weight_S: torch.Tensor
+    valid_S: torch.Tensor
+    capacity: int
+    pairs: torch.Tensor
+    dropped: torch.Tensor
+
+
+def plan_slots(weights_NE: torch.Tensor, slots: int) -> SlotPlan:
+    """Place every selected (item, expert) pair in its expert's buffer, top-1 pairs first.
+
+    Why top-1 first: a patch whose highest-weight expert is full loses most of its output;
+    one whose secondary expert is full loses a small, renormalised share. So the buffer
+    takes every patch's first choice before any second choice (GShard does the same).
+    """
+    N, E = weights_NE.shape
+    selected_NE = weights_NE > 0
+    expert_E = torch.arange(E, device=weights_NE.device)
+    primary_NE = (weights_NE.argmax(dim=1, keepdim=True) == expert_E) & selected_NE
+    secondary_NE = selected_NE & ~primary_NE
+    primary_pos_NE = torch.cumsum(primary_NE, dim=0) - 1
+    secondary_pos_NE = primary_NE.sum(dim=0, keepdim=True) + torch.cumsum(secondary_NE, dim=0) - 1
+    pos_NE = torch.where(primary_NE, primary_pos_NE, secondary_pos_NE)
+    keep_NE = selected_NE & (pos_NE < slots)
+    num_slots = E * slots
+    slot_NE = torch.where(keep_NE, expert_E * slots + pos_NE, num_slots)  # dropped pairs -> one spare slot
+    item_NE = torch.arange(N, device=weights_NE.device)[:, None].expand(N, E)
+    item_S = torch.full((num_slots + 1,), N, dtype=torch.long, device=weights_NE.device)
+    item_S = item_S.scatter(0, slot_NE.reshape(-1), item_NE.reshape(-1))[:num_slots]
+    valid_S = item_S < N
+    item_S = torch.where(valid_S, item_S, 0)
+    expert_S = torch.arange(num_slots, device=weights_NE.device) // slots
+    weight_S = weights_NE[item_S, expert_S] * valid_S
+    pairs = selected_NE.sum()
+    return SlotPlan(item_S=item_S, weight_S=weight_S, valid_S=valid_S, capacity=slots, pairs=pairs,
+                    dropped=pairs - keep_NE.sum())
+
+
+def run_expert_slots(x_SCnn: torch.Tensor, valid_S: torch.Tensor, expert_ids: list[int],
+                     experts: nn.ModuleDict) -> torch.Tensor:
+    """Run expert ``expert_ids[k]`` on the k-th of ``len(expert_ids)`` equal slices of slots."""
+    chunks = zip(expert_ids, x_SCnn.chunk(len(expert_ids)), valid_S.chunk(len(expert_ids)))
+    return torch.cat([experts[str(e)](x, valid) for e, x, valid in chunks])
+
+
 class Dispatcher(Protocol):
     def __call__(self, x_NCnn: torch.Tensor, weights_NE: torch.Tensor, experts: nn.ModuleDict) -> torch.Tensor:
         ...
 
 
+def _require_all_experts(name: str, num_experts: int, experts: nn.ModuleDict) -> None:
+    if len(experts) != num_experts:
+        raise ValueError(f"{name} needs all {num_experts} experts, this module holds {len(experts)}")
+
+
 class LocalDispatcher:
-    """Every expert lives in this process (expert-parallel degree 1)."""
+    """Every expert lives in this process (expert-parallel degree 1); dropless."""
+
+    def __init__(self) -> None:
+        self.stats = DispatchStats()
 
     def __call__(self, x_NCnn: torch.Tensor, weights_NE: torch.Tensor, experts: nn.ModuleDict) -> torch.Tensor:
         num_experts = weights_NE.shape[1]
-        if len(experts) != num_experts:
-            raise ValueError(f"LocalDispatcher needs all {num_experts} experts, this module holds {len(experts)}")
+        _require_all_experts("LocalDispatcher", num_experts, experts)
         plan = plan_routes(weights_NE)
         y_MCnn = run_experts(x_NCnn.index_select(0, plan.item_M), plan.counts, list(range(num_experts)), experts)
+        M = sum(plan.counts)
+        self.stats.count(experts.training, expert_rows=M, pairs=M)
         return combine(y_MCnn, plan.item_M, plan.weight_M, x_NCnn.shape[0])
+
+
+class CapacityDispatcher:
+    """Every expert in this process, fixed-size buffers (``model.dispatch=capacity``): no host sync."""
+
+    def __init__(self, capacity_factor: float) -> None:
+        self.capacity_factor = capacity_factor
+        self.stats = DispatchStats()
+
+    def __call__(self, x_NCnn: torch.Tensor, weights_NE: torch.Tensor, experts: nn.ModuleDict) -> torch.Tensor:
+        N, E = weights_NE.shape
+        _require_all_experts("CapacityDispatcher", E, experts)
+        plan = plan_slots(weights_NE, capacity(N, E, self.capacity_factor))
+        y_SCnn = run_expert_slots(x_NCnn.index_select(0, plan.item_S), plan.valid_S, list(range(E)), experts)
+        self.stats.count(experts.training, expert_rows=plan.valid_S.sum(), pairs=plan.pairs, dropped=plan.dropped)
+        return combine(y_SCnn, plan.item_S, plan.weight_S, N)
+
+
+def make_local_dispatcher(mode: str, capacity_factor: float) -> Dispatcher:
+    """The single-process dispatcher of ``model.dispatch``."""
+    if mode == "dropless":
+        return LocalDispatcher()
+    if mode == "capacity":
+        return CapacityDispatcher(capacity_factor)
+    raise ValueError(f"model.dispatch must be 'dropless' or 'capacity', got {mode!r}")
 
 
 class DenseReferenceDispatcher:

@@ -19,7 +19,8 @@ convolutions treat rows independently, so the result and the gradients are those
 unpadded batch, and the norms (BatchNorm statistics depend on the batch) see only the
 real rows. The price is at most 7 rows or 1/8 more rows per convolution.
 
-Shape legend: M routed patches (this expert's batch), R = padded_rows(M), C channels, n side.
+Shape legend: M routed patches (this expert's batch), R = padded_rows(M), S slots of a capacity
+buffer, C channels, n side.
 """
 
 from __future__ import annotations
@@ -70,6 +71,39 @@ def exact_batches(module: nn.Module) -> Iterator[None]:
             m.bucket_rows = flag
 
 
+def masked_norm(norm: nn.Module, x_MCnn: torch.Tensor, valid_M: torch.Tensor) -> torch.Tensor:
+    """``norm(x)`` as if only the rows where ``valid_M`` is true were in the batch: a BatchNorm
+    in training takes its statistics (and moves its running ones) over those rows alone; other
+    norms, and BatchNorm in eval, treat rows independently and run unchanged.
+
+    Why: in capacity dispatch an expert's buffer has a fixed number of slots, some of them
+    empty; statistics over the empty ones would differ from the dropless path's. Static
+    shapes, no host sync (an all-empty buffer keeps the running statistics as they were).
+    """
+    if not (isinstance(norm, nn.BatchNorm2d) and norm.training):
+        return norm(x_MCnn)
+    x_float = x_MCnn.float()  # statistics in fp32 under bf16 autocast, as cuDNN's BatchNorm keeps them
+    w_M111 = valid_M.to(x_float.dtype)[:, None, None, None]
+    count = w_M111.sum() * (x_MCnn.shape[2] * x_MCnn.shape[3])
+    mean_C = (x_float * w_M111).sum((0, 2, 3)) / count.clamp_min(1)
+    centred_MCnn = x_float - mean_C[None, :, None, None]
+    var_C = (centred_MCnn.square() * w_M111).sum((0, 2, 3)) / count.clamp_min(1)
+    y_MCnn = centred_MCnn * torch.rsqrt(var_C + norm.eps)[None, :, None, None]
+    if norm.affine:
+        y_MCnn = y_MCnn * norm.weight[None, :, None, None] + norm.bias[None, :, None, None]
+    if norm.track_running_stats:
+        with torch.no_grad():
+            m = norm.momentum if norm.momentum is not None else 0.1  # cumulative averaging is not supported
+            unbiased_C = var_C * count / (count - 1).clamp_min(1)
+            has_rows = count > 0
+            norm.running_mean.copy_(torch.where(has_rows, (1 - m) * norm.running_mean + m * mean_C.detach(),
+                                                norm.running_mean))
+            norm.running_var.copy_(torch.where(has_rows, (1 - m) * norm.running_var + m * unbiased_C.detach(),
+                                               norm.running_var))
+            norm.num_batches_tracked.add_(has_rows.to(norm.num_batches_tracked.dtype))  # as if it had not run
+    return y_MCnn.to(x_MCnn.dtype)
+
+
 class ConvExpert(nn.Module):
     """``[M,C_in,n,n] -> [M,C_out,n,n]``.
 
@@ -100,7 +134,11 @@ class ConvExpert(nn.Module):
                                       make_norm(norm, out_channels))
         self.act = nn.ReLU(inplace=True)
 
-    def forward(self, x_MCnn: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_MCnn: torch.Tensor, valid_M: torch.Tensor | None = None) -> torch.Tensor:
+        """``valid_M`` (capacity dispatch): which rows are routed patches; the others are empty
+        slots of a fixed-size buffer, which the norms leave out of their statistics."""
+        if valid_M is not None:
+            return self._forward_slots(x_MCnn, valid_M)
         M = x_MCnn.shape[0]
         if M == 0:
             return x_MCnn.new_zeros(0, self.out_channels, *x_MCnn.shape[2:]) + x_MCnn.sum()
@@ -119,3 +157,14 @@ class ConvExpert(nn.Module):
         else:
             skip_MCnn = x_MCnn
         return self.act(h_MCnn + skip_MCnn)
+
+    def _forward_slots(self, x_SCnn: torch.Tensor, valid_S: torch.Tensor) -> torch.Tensor:
+        """The block on a fixed-size buffer: no padding (the size never changes), masked norms."""
+        h_SCnn = self.drop(self.act(masked_norm(self.norm1, self.conv1(x_SCnn), valid_S)))
+        h_SCnn = masked_norm(self.norm2, self.conv2(h_SCnn), valid_S)
+        if isinstance(self.skip, nn.Sequential):
+            conv, norm = self.skip
+            skip_SCnn = masked_norm(norm, conv(x_SCnn), valid_S)
+        else:
+            skip_SCnn = x_SCnn
+        return self.act(h_SCnn + skip_SCnn)

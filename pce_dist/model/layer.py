@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .dispatch import Dispatcher, LocalDispatcher
+from .dispatch import Dispatcher, make_local_dispatcher
 from .experts import ConvExpert
 from .patches import PatchExtractor
 from .router import Router
@@ -45,7 +45,8 @@ class PCELayer(nn.Module):
             for e in range(num_experts)
         })
         self.out_proj = nn.Conv2d(out_channels, out_channels, kernel_size=1)
-        self.dispatcher: Dispatcher = LocalDispatcher()
+        self.dispatch_mode, self.capacity_factor = expert.dispatch, expert.capacity_factor
+        self.dispatcher: Dispatcher = make_local_dispatcher(expert.dispatch, expert.capacity_factor)
 
     def keep_experts(self, expert_ids: list[int]) -> None:
         """Drop every expert not in ``expert_ids`` (used when placing experts on ranks)."""

@@ -50,7 +50,8 @@ def collapse_count(routes: RouteResult, min_usage: float) -> torch.Tensor:
 
 def balance_loss(routes: RouteResult) -> torch.Tensor:
     num_experts = routes.probs_NE.shape[1]
-    top1_fraction_E = F.one_hot(routes.probs_NE.argmax(-1), num_experts).float().mean(0)
+    expert_E = torch.arange(num_experts, device=routes.probs_NE.device)  # not F.one_hot: no index check on the host
+    top1_fraction_E = (routes.probs_NE.argmax(-1, keepdim=True) == expert_E).float().mean(0)
     return num_experts * (top1_fraction_E * routes.probs_NE.mean(0)).sum()
 
 

@@ -126,8 +126,9 @@ def route(
         else:
             select_NE = torch.softmax(logits_NE + select_bias_E.to(logits_NE.dtype), dim=-1)
             select_threshold_N = adaptive_threshold(select_NE, wth)
-        top1_N = select_NE.argmax(dim=-1)
-        hard_NE = (select_NE >= select_threshold_N[:, None]) | F.one_hot(top1_N, probs_NE.shape[-1]).bool()
+        # top-1 as a comparison, not F.one_hot: one_hot checks its indices on the host
+        top1_NE = select_NE.argmax(dim=-1, keepdim=True) == torch.arange(probs_NE.shape[-1], device=probs_NE.device)
+        hard_NE = (select_NE >= select_threshold_N[:, None]) | top1_NE
     filtered_NE = probs_NE * soft_mask_NE * hard_NE
     if gate == "renormalized":
         # The top-1 expert is always hard-selected; clamp only guards a soft mask underflowing to 0.

@@ -22,11 +22,13 @@ class ExpertSpec:
     norm: str = "batch"
     dropout: float = 0.0
     pad_batches: bool = True  # see ``experts.padded_rows``
+    dispatch: str = "dropless"  # how routed patches reach the experts (ModelConfig.dispatch)
+    capacity_factor: float = 2.0  # capacity dispatch only (ModelConfig.capacity_factor)
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> ExpertSpec:
         return cls(kernel=cfg.expert_kernel, norm=cfg.expert_norm, dropout=cfg.expert_dropout,
-                   pad_batches=cfg.expert_pad_batches)
+                   pad_batches=cfg.expert_pad_batches, dispatch=cfg.dispatch, capacity_factor=cfg.capacity_factor)
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from multiproc import spawn
 
 from pce_dist.config import load_config
 from pce_dist.distributed import DistEnv
-from pce_dist.distributed.expert_parallel import parallelize_experts, traffic_stats
+from pce_dist.distributed.expert_parallel import parallelize_experts, take_dispatch_stats, traffic_stats
 from pce_dist.model import build_model, pce_loss
 
 GLOBAL_BATCH = 8
@@ -138,13 +138,36 @@ def _expected_traffic(results, num_experts, ep_size, out_channels, backward: boo
 _ROUTING = {"seed": (), "gate=probs": ("model.gate=probs",), "centred": ("model.router_center=true",),
             "bias": ("model.bias_balance_rate=0.05",),
             "all": ("model.gate=probs", "model.router_center=true", "model.bias_balance_rate=0.05"),
-            "content": ("model.router_position=false", "model.router_center=true")}
+            "content": ("model.router_position=false", "model.router_center=true"),
+            # 4x the balanced load: the slots hold every pair, so capacity must equal one process
+            "capacity": ("model.dispatch=capacity", "model.capacity_factor=4.0")}
+
+
+def _expected_capacity_traffic(results, num_experts, ep_size, out_channels, capacity_factor):
+    """Capacity dispatch: whole buffers travel (equal splits), one validity byte per slot;
+    ``routed_bytes`` still counts the pairs only, from the routing weights."""
+    hosted = [list(range(r * num_experts // ep_size, (r + 1) * num_experts // ep_size)) for r in range(ep_size)]
+    expected = []
+    for r, res in enumerate(results):
+        exp = {"routed_bytes": 0, "dispatch_bytes": 0, "return_bytes": 0, "backward_bytes": 0}
+        for layer, (selected_NE, (c, n, _)) in enumerate(zip(res["selected"], res["patch_shapes"])):
+            N = selected_NE.shape[0]
+            slots = min(N, -(-int(capacity_factor * N) // num_experts))
+            remote_slots = num_experts * slots * (ep_size - 1) // ep_size
+            in_row, out_row = 4 * c * n * n, 4 * out_channels[layer] * n * n
+            remote = [e for e in range(num_experts) if e not in hosted[r]]
+            exp["routed_bytes"] += int(selected_NE[:, remote].sum()) * in_row
+            exp["dispatch_bytes"] += remote_slots * (in_row + 1)
+            exp["return_bytes"] += remote_slots * out_row
+            exp["backward_bytes"] += remote_slots * (in_row + out_row)
+        expected.append(exp)
+    return expected
 
 
 @pytest.mark.parametrize("num_experts,norm,ep_size,routing", [
     (4, "group", 2, "seed"), (4, "batch", 2, "seed"), (2, "batch", 2, "seed"), (4, "group", 1, "seed"),
     (4, "group", 2, "gate=probs"), (4, "group", 2, "centred"), (4, "group", 2, "bias"), (4, "group", 2, "all"),
-    (4, "group", 2, "content")])
+    (4, "group", 2, "content"), (4, "batch", 2, "capacity")])
 def test_ep_model_matches_single_process(num_experts, norm, ep_size, routing):
     ref = _reference(num_experts, norm, _ROUTING[routing])
     results = spawn(_ep_worker, 2, args=(num_experts, norm, ep_size, _ROUTING[routing]), timeout_s=120)
@@ -162,6 +185,10 @@ def test_ep_model_matches_single_process(num_experts, norm, ep_size, routing):
     if ep_size == 1:  # every expert at home: no all-to-all at all
         assert all(v == 0 for r in results for v in r["traffic"].values())
         return
+    if routing == "capacity":
+        expected = _expected_capacity_traffic(results, num_experts, ep_size, [8], capacity_factor=4.0)
+        assert [r["traffic"] for r in results] == expected and expected[0]["routed_bytes"] > 0
+        return
     expected = _expected_traffic(results, num_experts, ep_size, [8], backward=True)
     for rank, (r, exp) in enumerate(zip(results, expected)):
         assert exp["routed_bytes"] > 0, "the routing sent nothing to the other rank: the check would be empty"
@@ -170,10 +197,10 @@ def test_ep_model_matches_single_process(num_experts, norm, ep_size, routing):
         assert routed < sent <= 1.1 * routed  # the figure of docs/benchmarks.md, measured
 
 
-def _skewed_worker(rank, world_size):
+def _skewed_worker(rank, world_size, routing=()):
     """Every patch of every rank routes to expert 0 (on rank 0): rank 1's experts get nothing,
     and rank 1 receives zero rows -- every collective must still complete."""
-    cfg = _config(4, "batch", ep_size=2)
+    cfg = _config(4, "batch", ep_size=2, routing=routing)
     env = DistEnv.from_environ(cfg.dist).init()
     model = _model(cfg)
     router = model.routers()[0]
@@ -191,6 +218,10 @@ def _skewed_worker(rank, world_size):
     assert selected_NE[:, 0].all() and not selected_NE[:, 1:].any()
     out.logits_BK.sum().backward()
     layer = model.pce_layers()[0]
+    if routing:  # capacity: what the dispatcher counted
+        traffic, work_L3 = take_dispatch_stats(model, torch.device("cpu"))
+        return {"finite": bool(torch.isfinite(out.logits_BK).all()), "work": work_L3[0].tolist(),
+                "patches": selected_NE.shape[0], "x_grad": x.grad is not None}
     return {"finite": bool(torch.isfinite(out.logits_BK).all()), "x_grad": x.grad is not None,
             "expert_grads": {k: any(p.grad is not None for p in e.parameters()) for k, e in layer.experts.items()},
             "selected": [selected_NE], "patch_shapes": shapes, "traffic": traffic_stats(model)}
@@ -204,6 +235,17 @@ def test_zero_patches_for_an_expert_and_a_rank():
     expected = _expected_traffic([r0, r1], 4, 2, [8], backward=True)
     assert r0["traffic"] == expected[0] and r0["traffic"]["routed_bytes"] == 0  # nothing leaves rank 0
     assert r1["traffic"] == expected[1] and r1["traffic"]["return_bytes"] == 0  # nothing comes to rank 1
+
+
+def test_capacity_drops_what_does_not_fit_and_bounds_each_rank():
+    """All patches want expert 0; with capacity_factor 1 it takes ceil(N/4) of each rank's N
+    patches, the rest are dropped and counted, and rank 0 computes exactly its two buffers' rows."""
+    r0, r1 = spawn(_skewed_worker, 2, args=(("model.dispatch=capacity", "model.capacity_factor=1.0"),), timeout_s=90)
+    n = r0["patches"]
+    slots = -(-n // 4)
+    assert r0["finite"] and r1["finite"] and r0["x_grad"] and r1["x_grad"]
+    assert r0["work"] == [2 * slots, n, n - slots]  # [expert rows, pairs, dropped]: both ranks' buffers for expert 0
+    assert r1["work"] == [0, n, n - slots]  # rank 1's experts get nothing; its own pairs were dropped alike
 
 
 def _net_worker(rank, world_size):

@@ -149,24 +149,34 @@ def test_train_accumulator_reduces_to_the_hand_computed_interval():
     np.testing.assert_allclose(interval.usage_LE, [layer0, layer1])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs are only detectable on CUDA")
 def test_accumulating_never_syncs_with_the_host():
-    """The hot path (``add``) and the evaluation loop's sums stay on the device."""
-    batches = [({k: [s.cuda() for s in v] if k == "selected_NE" else v.cuda() for k, v in batch.items()}, samples)
-               for batch, samples in _RANKS[0]]
-    train = metrics.TrainAccumulator.zeros(num_layers=2, num_experts=3, device="cuda")
-    evals = metrics.EvalAccumulator.zeros(num_layers=1, num_experts=3, num_classes=4, device="cuda")
-    labels, valid = torch.tensor([0, 3], device="cuda"), torch.ones(2, device="cuda")
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
+    """The hot path (``add``) and the evaluation loop's sums stay on the device: counted by
+    instrumentation on any device (``pce_dist.host_syncs``), and by CUDA's detector where there is one."""
+    from pce_dist.host_syncs import HostSyncCounter
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    batches = [({k: [s.to(device) for s in v] if k == "selected_NE" else v.to(device) for k, v in batch.items()},
+                samples) for batch, samples in _RANKS[0]]
+    train = metrics.TrainAccumulator.zeros(num_layers=2, num_experts=3, device=device)
+    evals = metrics.EvalAccumulator.zeros(num_layers=1, num_experts=3, num_classes=4, device=device)
+    labels, valid = torch.tensor([0, 3], device=device), torch.ones(2, device=device)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
     try:
-        for batch, samples in batches:
-            train.add(**batch, samples=samples)
-            evals.add_batch(loss_B=valid, pred_B=labels, labels_B=labels, valid_B=valid)
-            evals.add_layer(0, entropy_N=valid, threshold_N=valid, selected_NE=batch["selected_NE"][0], valid_N=valid)
+        with HostSyncCounter() as syncs:
+            for batch, samples in batches:
+                train.add(**batch, samples=samples)
+                evals.add_batch(loss_B=valid, pred_B=labels, labels_B=labels, valid_B=valid)
+                evals.add_layer(0, entropy_N=valid, threshold_N=valid, selected_NE=batch["selected_NE"][0],
+                                valid_N=valid)
     finally:
-        torch.cuda.set_sync_debug_mode(0)
-    assert train.reduce(lambda t: t, world_size=1).samples == 8
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode(0)
+    assert syncs.total == 0, dict(syncs.by_kind)
+    with HostSyncCounter() as syncs:  # the log interval is where the one sync is
+        assert train.reduce(lambda t: t, world_size=1).samples == 8
+    assert syncs.total == 1, dict(syncs.by_kind)
 
 
 def test_train_accumulator_without_pce_layers():
@@ -299,3 +309,20 @@ def test_specialisation_caption_reads_the_evaluation_metrics():
               m.router_stat("val", 1, "nmi_position"): 0.05}
     assert m.specialisation_caption(values, "val", 1) == "max share 0.40\nNMI class 0.12 / pos 0.05"
     assert m.specialisation_caption(values, "val", 0) == ""  # a layer without the metrics: no caption
+
+
+def test_dispatch_metrics_wait_for_the_busiest_rank_of_every_layer():
+    # 2 ranks, 2 layers, 4 steps: layer 0 rows 30/10 (max/mean 1.5), layer 1 10/30 (1.5); the
+    # step waits for rank 0 in layer 0 and rank 1 in layer 1: (30 + 30) / (20 + 20) = 1.5,
+    # although each rank's total (40) is the same
+    out = metrics.dispatch_metrics([[30, 10], [10, 30]], pairs_L=[40, 50], dropped_L=[0, 5], steps=4)
+    assert out[metrics.DISPATCH_RANK_IMBALANCE] == pytest.approx(1.5)
+    assert out[metrics.dispatch_layer(0, "rank_imbalance")] == pytest.approx(1.5)
+    assert out[metrics.dispatch_layer(1, "dropped_fraction")] == pytest.approx(0.1)
+    assert out[metrics.dispatch_layer(0, "dropped_fraction")] == 0.0
+    assert out[metrics.DISPATCH_EXPERT_PATCHES] == pytest.approx((20 + 20) / 4)
+    balanced = metrics.dispatch_metrics([[5, 7], [5, 7]], pairs_L=[10, 14], dropped_L=[0, 0], steps=1)
+    assert balanced[metrics.DISPATCH_RANK_IMBALANCE] == 1.0
+    assert metrics.dispatch_metrics([], [], [], steps=1) == {}
+    with pytest.raises(ValueError, match="unknown dispatch statistic"):
+        metrics.dispatch_layer(0, "imbalance")
