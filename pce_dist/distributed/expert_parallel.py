@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .. import compat
+from ..model.dispatch import DispatchStats
 from ..model.net import PCENet
 from .dispatch import AllToAllCapacityDispatcher, AllToAllDispatcher
 from .env import DistEnv
@@ -75,10 +76,6 @@ def parallelize_experts(model: PCENet, env: DistEnv) -> PCENet:
     return model
 
 
-TRAFFIC_FIELDS = ("routed_bytes", "dispatch_bytes", "return_bytes", "backward_bytes")
-WORK_FIELDS = ("expert_rows", "pairs", "dropped")  # the columns of ``take_dispatch_stats``'s work tensor
-
-
 def take_dispatch_stats(model: PCENet, device) -> tuple[dict[str, int], torch.Tensor]:
     """This rank's dispatch counters since the last call, summed over layers where that is
     meaningful, and reset: ``(traffic, work_L3)``.
@@ -86,17 +83,17 @@ def take_dispatch_stats(model: PCENet, device) -> tuple[dict[str, int], torch.Te
     ``traffic``: all-to-all bytes (``dispatch_bytes``/``return_bytes``/``backward_bytes``
     measured at the dispatcher's ``all_to_all_single`` call, ``routed_bytes`` computed from
     the routing counts; see ``model.dispatch.DispatchStats``), host ints. ``work_L3``: per
-    layer ``[expert_rows, pairs, dropped]`` as a float tensor on ``device`` -- the rows this
+    layer ``DispatchStats.WORK`` (``[expert_rows, pairs, dropped]``) as a float tensor on ``device`` -- the rows this
     rank's experts computed, the pairs its router selected, the pairs capacity dispatch
     dropped -- left on the device for the caller's all-reduce. Capacity dispatch keeps its
     counters on the device; the one host copy here (of the routed bytes) is at a log
     interval (one per layer), never in the forward.
     """
     stats = [layer.dispatcher.stats for layer in model.pce_layers()]
-    rows = [[s.expert_rows, s.pairs, s.dropped] for s in stats]
+    rows = [[getattr(s, key) for key in DispatchStats.WORK] for s in stats]
     work_L3 = (torch.stack([torch.stack([torch.as_tensor(v, device=device).float().reshape(()) for v in row])
                             for row in rows]) if rows else torch.zeros(0, 3, device=device))
-    traffic = {key: sum(int(getattr(s, key)) for s in stats) for key in TRAFFIC_FIELDS}
+    traffic = {key: sum(int(getattr(s, key)) for s in stats) for key in DispatchStats.TRAFFIC}
     for s in stats:
         s.reset()
     return traffic, work_L3

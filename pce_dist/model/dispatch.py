@@ -121,8 +121,9 @@ class DispatchStats:
     return_bytes: int = 0
     backward_bytes: int = 0
 
-    WORK = ("expert_rows", "pairs", "dropped")
-    FIELDS = ("expert_rows", "pairs", "dropped", "routed_bytes", "dispatch_bytes", "return_bytes", "backward_bytes")
+    WORK = ("expert_rows", "pairs", "dropped")  # per layer, compute: not summed over layers by readers
+    TRAFFIC = ("routed_bytes", "dispatch_bytes", "return_bytes", "backward_bytes")
+    FIELDS = WORK + TRAFFIC
 
     def count(self, training: bool, **values) -> None:
         """Add one forward's counts; the work fields only in training (evaluation is not a step's work)."""
